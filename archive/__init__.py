@@ -1,0 +1,1 @@
+"""The catalogue of the archive: configuration, index, matching and the ingest service."""

@@ -1,0 +1,254 @@
+"""Settings: defaults, then a TOML file, then ``TELEPACS_*`` environment variables.
+
+The TOML file is the one named by ``TELEPACS_CONFIG`` (or passed explicitly);
+without it, ``telepacs.toml`` in the data directory is read when present.
+Example::
+
+    data_dir = "/srv/telepacs"
+
+    [dicom]
+    ae_title = "TELEPACS"
+    host = "0.0.0.0"
+    port = 11112
+    workers = 2                      # receiving processes (SO_REUSEPORT)
+    allowed_callers = [{ ae = "CT_HUYEN_A", host = "10.1.2.3" }, { ae = "ORTHANC" }]
+
+    [dicom.facilities]               # calling AE title -> facility code
+    CT_HUYEN_A = "BV-HUYEN-A"
+
+    [http]
+    host = "127.0.0.1"
+    port = 8042
+
+    [index]
+    url = "postgresql://telepacs@db/telepacs"
+
+    [storage]
+    url = "s3://ACCESS:SECRET@minio:9000/telepacs?secure=false"
+
+    [ingest]
+    duplicate_policy = "keep-newer"  # or "keep-existing", "reject"
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, with the name of the setting."""
+
+
+class DuplicatePolicy(str, enum.Enum):
+    """What to do when an instance arrives again with different bytes."""
+
+    KEEP_NEWER = "keep-newer"
+    KEEP_EXISTING = "keep-existing"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE title allowed to associate, optionally only from one host."""
+
+    ae_title: str
+    host: str | None = None
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        return self.ae_title == ae_title and (self.host is None or self.host == host)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    ae_title: str = "TELEPACS"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    dicom_workers: int = 1
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+    db_url: str = ""
+    storage_url: str = ""
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    facilities: Mapping[str, str] = field(default_factory=dict)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_NEWER
+    log_level: str = "INFO"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Local receive spool in front of a remote object store."""
+        return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where instances are written while they arrive (same file system as the data dir)."""
+        return self.data_dir / "incoming"
+
+    def facility_for(self, ae_title: str | None) -> str | None:
+        if ae_title is None:
+            return None
+        return self.facilities.get(ae_title.strip())
+
+    def caller_allowed(self, ae_title: str, host: str) -> bool:
+        if not self.allowed_callers:
+            return True
+        return any(c.matches(ae_title.strip(), host) for c in self.allowed_callers)
+
+
+_ENV_PREFIX = "TELEPACS_"
+
+
+def _int(name: str, value: object) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {value!r}") from None
+    return number
+
+
+def _port(name: str, value: object) -> int:
+    port = _int(name, value)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name} must be a TCP port (0-65535), not {port}")
+    return port
+
+
+def _ae_title(name: str, value: object) -> str:
+    ae = str(value).strip()
+    if not 1 <= len(ae) <= 16 or "\\" in ae or not ae.isprintable():
+        raise ConfigError(f"{name} must be 1-16 printable characters without backslash, not {value!r}")
+    return ae
+
+
+def _parse_callers(value: object) -> tuple[AllowedCaller, ...]:
+    """From TOML (list of tables) or env (``AE@host,AE2``)."""
+    callers: list[AllowedCaller] = []
+    if isinstance(value, str):
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            ae, _, host = item.partition("@")
+            callers.append(AllowedCaller(_ae_title("allowed caller", ae), host or None))
+        return tuple(callers)
+    if not isinstance(value, list):
+        raise ConfigError(f"dicom.allowed_callers must be a list, not {value!r}")
+    for item in value:
+        if isinstance(item, str):
+            callers.append(AllowedCaller(_ae_title("allowed caller", item)))
+        elif isinstance(item, dict) and "ae" in item:
+            callers.append(AllowedCaller(_ae_title("allowed caller", item["ae"]), item.get("host")))
+        else:
+            raise ConfigError(f"dicom.allowed_callers entries need an 'ae' key, not {item!r}")
+    return tuple(callers)
+
+
+def _parse_facilities(value: object) -> dict[str, str]:
+    """From TOML (table) or env (``AE=FACILITY,AE2=FACILITY2``)."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ConfigError(f"TELEPACS_FACILITIES must look like AE=FACILITY,AE2=FACILITY2, not {value!r}")
+        return {ae.strip(): fac.strip() for ae, fac in pairs}
+    if not isinstance(value, dict):
+        raise ConfigError(f"dicom.facilities must be a table of AE = facility, not {value!r}")
+    return {str(k).strip(): str(v) for k, v in value.items()}
+
+
+def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the TOML layout onto flat setting names."""
+    flat: dict[str, Any] = {}
+    if "data_dir" in doc:
+        flat["data_dir"] = doc["data_dir"]
+    if "log_level" in doc:
+        flat["log_level"] = doc["log_level"]
+    sections = {
+        "dicom": {"ae_title": "ae_title", "host": "dicom_host", "port": "dicom_port", "workers": "dicom_workers",
+                  "allowed_callers": "allowed_callers", "facilities": "facilities"},
+        "http": {"host": "http_host", "port": "http_port"},
+        "index": {"url": "db_url"},
+        "storage": {"url": "storage_url"},
+        "ingest": {"duplicate_policy": "duplicate_policy"},
+    }
+    for section, names in sections.items():
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        for key, value in table.items():
+            if key not in names:
+                raise ConfigError(f"unknown setting [{section}] {key}")
+            flat[names[key]] = value
+    return flat
+
+
+_ENV_NAMES = {
+    "DATA_DIR": "data_dir",
+    "AE_TITLE": "ae_title",
+    "DICOM_HOST": "dicom_host",
+    "DICOM_PORT": "dicom_port",
+    "DICOM_WORKERS": "dicom_workers",
+    "HTTP_HOST": "http_host",
+    "HTTP_PORT": "http_port",
+    "DB_URL": "db_url",
+    "STORAGE_URL": "storage_url",
+    "ALLOWED_CALLERS": "allowed_callers",
+    "FACILITIES": "facilities",
+    "DUPLICATE_POLICY": "duplicate_policy",
+    "LOG_LEVEL": "log_level",
+}
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from defaults, the TOML file, the environment and ``overrides`` (in that order)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    env_values = {name: env[_ENV_PREFIX + key] for key, name in _ENV_NAMES.items() if _ENV_PREFIX + key in env}
+
+    data_dir_hint = Path(overrides.get("data_dir") or env_values.get("data_dir") or "./telepacs-data")
+    path = config_file or env.get(_ENV_PREFIX + "CONFIG")
+    if path is None and (data_dir_hint / "telepacs.toml").is_file():
+        path = data_dir_hint / "telepacs.toml"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw.update(_flatten_toml(tomllib.load(f)))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    raw.update(env_values)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(raw)
+
+
+def _build(raw: Mapping[str, Any]) -> Settings:
+    data_dir = Path(raw.get("data_dir", "./telepacs-data")).expanduser().resolve()
+    try:
+        policy = DuplicatePolicy(str(raw.get("duplicate_policy", DuplicatePolicy.KEEP_NEWER.value)))
+    except ValueError:
+        choices = ", ".join(p.value for p in DuplicatePolicy)
+        raise ConfigError(f"duplicate_policy must be one of {choices}, not {raw['duplicate_policy']!r}") from None
+    workers = _int("dicom workers", raw.get("dicom_workers", 1))
+    if workers < 1:
+        raise ConfigError("dicom workers must be at least 1")
+    return Settings(
+        data_dir=data_dir,
+        ae_title=_ae_title("AE title", raw.get("ae_title", "TELEPACS")),
+        dicom_host=str(raw.get("dicom_host", "0.0.0.0")),
+        dicom_port=_port("DICOM port", raw.get("dicom_port", 11112)),
+        dicom_workers=workers,
+        http_host=str(raw.get("http_host", "127.0.0.1")),
+        http_port=_port("HTTP port", raw.get("http_port", 8042)),
+        db_url=str(raw.get("db_url") or f"sqlite:///{data_dir / 'index.sqlite3'}"),
+        storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),
+        allowed_callers=_parse_callers(raw.get("allowed_callers", [])),
+        facilities=_parse_facilities(raw.get("facilities", {})),
+        duplicate_policy=policy,
+        log_level=str(raw.get("log_level", "INFO")).upper(),
+    )

@@ -1,0 +1,301 @@
+"""Read what the index needs from a received DICOM Part 10 file, and refuse what is broken.
+
+The pixel data is never loaded: the header is parsed with large values
+deferred, and the declared lengths of the top-level elements are checked
+against the file size, so a truncated file is refused instead of being
+catalogued as if it were whole.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from archive.keys import InvalidUID, validate_uid
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_DEFER_SIZE = 4096
+
+
+class InvalidDataset(ValueError):
+    """A file that is not a usable DICOM instance (not DICOM, truncated, missing required UIDs)."""
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """The index attributes of one instance, decoded to Unicode."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    study_id: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+    number_of_frames: int = 1
+    rows: int | None = None
+    columns: int | None = None
+    slice_position: float | None = None
+    display: dict[str, Any] = field(default_factory=dict)
+
+
+def fold_name(name: str) -> str:
+    """Lower-case, diacritic-free form of a person name: ``Nguyễn^Văn A`` -> ``nguyen^van a``.
+
+    Vietnamese đ/Đ is not a combining mark, so it is mapped explicitly.
+    """
+    decomposed = unicodedata.normalize("NFKD", name.replace("đ", "d").replace("Đ", "D"))
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, pydicom.multival.MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, keyword: str) -> list[float] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        items = list(value) if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+        floats = [float(v) for v in items]
+    except (TypeError, ValueError):
+        return None
+    return floats if all(math.isfinite(v) for v in floats) else None
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Position of the slice along the normal of its plane (PS3.3 C.7.6.2), else SliceLocation."""
+    position = _floats(ds, "ImagePositionPatient")
+    orientation = _floats(ds, "ImageOrientationPatient")
+    if position and orientation and len(position) == 3 and len(orientation) == 6:
+        r, c = orientation[:3], orientation[3:]
+        normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+        return sum(p * n for p, n in zip(position, normal))
+    location = _floats(ds, "SliceLocation")
+    return location[0] if location else None
+
+
+_DISPLAY_FLOATS = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SliceThickness",
+    "WindowCenter",
+    "WindowWidth",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "FrameTime",
+)
+_DISPLAY_INTS = ("BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel", "NumberOfFrames")
+_DISPLAY_TEXT = ("PhotometricInterpretation", "RescaleType", "WindowCenterWidthExplanation", "ImageType")
+
+
+def display_metadata(ds: Dataset) -> dict[str, Any]:
+    """What a viewer needs to place and window an image without opening the file."""
+    meta: dict[str, Any] = {}
+    for keyword in _DISPLAY_FLOATS:
+        value = _floats(ds, keyword)
+        if value is not None:
+            meta[keyword] = value
+    for keyword in _DISPLAY_INTS:
+        value = _int_or_none(ds, keyword)
+        if value is not None:
+            meta[keyword] = value
+    for keyword in _DISPLAY_TEXT:
+        text = _text(ds, keyword)
+        if text:
+            meta[keyword] = text
+    return meta
+
+
+def _check_complete(ds: Dataset, file_size: int, path: Path) -> None:
+    """Refuse a file whose top-level elements declare more bytes than the file holds."""
+    for tag in ds._dict:
+        elem = ds._dict[tag]
+        if not isinstance(elem, RawDataElement) or elem.value_tell is None:
+            continue
+        if elem.length == _UNDEFINED_LENGTH:
+            consumed = len(elem.value) + 8 if isinstance(elem.value, (bytes, bytearray)) else 0
+            end = elem.value_tell + consumed
+            if isinstance(elem.value, (bytes, bytearray)) and not _items_tile(bytes(elem.value), elem.is_little_endian):
+                raise InvalidDataset(f"{path.name}: element {elem.tag} is cut short (encapsulated items incomplete)")
+        else:
+            end = elem.value_tell + elem.length
+        if end > file_size:
+            raise InvalidDataset(
+                f"{path.name}: truncated: element {elem.tag} needs {end} bytes, the file has {file_size}"
+            )
+
+
+def _items_tile(value: bytes, little_endian: bool) -> bool:
+    """True when ``value`` is a whole sequence of (FFFE,E000) items, as encapsulated pixel data is."""
+    order = "little" if little_endian else "big"
+    offset = 0
+    while offset < len(value):
+        if offset + 8 > len(value):
+            return False
+        group = int.from_bytes(value[offset:offset + 2], order)
+        element = int.from_bytes(value[offset + 2:offset + 4], order)
+        length = int.from_bytes(value[offset + 4:offset + 8], order)
+        if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED_LENGTH:
+            # Not encapsulated pixel data (e.g. a sequence): nothing more we can check cheaply.
+            return True
+        offset += 8 + length
+    return offset == len(value)
+
+
+def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
+    """Parse the header of a Part 10 file at ``path``; raise :class:`InvalidDataset` if unusable."""
+    size = path.stat().st_size
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+    except InvalidDicomError as exc:
+        raise InvalidDataset(f"{path.name}: not a DICOM Part 10 file: {exc}") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        # pydicom raises these for bytes it cannot decode.
+        raise InvalidDataset(f"{path.name}: cannot decode dataset: {type(exc).__name__}: {exc}") from None
+    _check_complete(ds, size, path)
+    meta = ds.file_meta
+    try:
+        transfer_syntax = validate_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+        sop_instance_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class_uid = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    except InvalidUID as exc:
+        raise InvalidDataset(f"{path.name}: {exc}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidDataset(f"{path.name}: cannot decode a UID: {exc}") from None
+    try:
+        parsed = _parsed(ds, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax)
+    except (ValueError, TypeError, KeyError, LookupError, UnicodeDecodeError) as exc:
+        raise InvalidDataset(f"{path.name}: cannot decode attributes: {type(exc).__name__}: {exc}") from None
+    return parsed, meta
+
+
+def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: str) -> ParsedInstance:
+    frames = _int_or_none(ds, "NumberOfFrames")
+    return ParsedInstance(
+        sop_instance_uid=sop,
+        sop_class_uid=sop_class,
+        study_uid=study,
+        series_uid=series,
+        transfer_syntax_uid=ts,
+        patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
+        patient_sex=_text(ds, "PatientSex", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16),
+        accession_number=_text(ds, "AccessionNumber", 64),
+        study_description=_text(ds, "StudyDescription", 256),
+        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        study_id=_text(ds, "StudyID", 16),
+        modality=_text(ds, "Modality", 16),
+        series_number=_int_or_none(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 256),
+        body_part_examined=_text(ds, "BodyPartExamined", 64),
+        instance_number=_int_or_none(ds, "InstanceNumber"),
+        number_of_frames=frames if frames and frames > 0 else 1,
+        rows=_int_or_none(ds, "Rows"),
+        columns=_int_or_none(ds, "Columns"),
+        slice_position=slice_position(ds),
+        display=display_metadata(ds),
+    )
+
+
+def dataset_offset(fp: BinaryIO) -> int:
+    """Offset of the dataset after the preamble and file meta group of a Part 10 stream."""
+    fp.seek(0)
+    pydicom.filereader.read_preamble(fp, False)
+    pydicom.filereader._read_file_meta_info(fp)
+    return fp.tell()
+
+
+def wrap_raw_dataset(src: BinaryIO, dst: BinaryIO, *, source_ae: str | None = None) -> None:
+    """Write a Part 10 file to ``dst`` from a raw dataset (no preamble, no file meta) in ``src``.
+
+    The dataset bytes are copied unchanged; the transfer syntax is the one
+    pydicom detects (implicit or explicit VR little endian).
+    """
+    src.seek(0)
+    try:
+        ds = pydicom.dcmread(src, force=True, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bytes that are not DICOM
+        raise InvalidDataset(f"not DICOM: cannot decode ({type(exc).__name__}: {exc})") from None
+    if not ds.get("SOPInstanceUID") or not ds.get("SOPClassUID"):
+        raise InvalidDataset("not DICOM: no DICM header and no SOP Class/Instance UID in the data")
+    implicit = ds.original_encoding[0]
+    little = ds.original_encoding[1]
+    if implicit:
+        ts = pydicom.uid.ImplicitVRLittleEndian
+    elif little:
+        ts = pydicom.uid.ExplicitVRLittleEndian
+    else:
+        ts = pydicom.uid.ExplicitVRBigEndian
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(str(ds.get("SOPClassUID", "")))
+    meta.MediaStorageSOPInstanceUID = UID(str(ds.get("SOPInstanceUID", "")))
+    meta.TransferSyntaxUID = ts
+    write_part10_header(dst, meta, source_ae=source_ae)
+    src.seek(0)
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+
+
+# A UUID-derived UID (PS3.5 §B.2): ours without registering a root.
+TELEPACS_IMPLEMENTATION_UID = UID("2.25.161225328703702992941866406200778916275")
+TELEPACS_IMPLEMENTATION_VERSION = "TELEPACS_010"
+
+
+def write_part10_header(dst: BinaryIO, meta: FileMetaDataset, *, source_ae: str | None = None) -> None:
+    """Preamble, ``DICM`` and the file meta group (PS3.10 §7.1) with telepacs as the implementation."""
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.ImplementationClassUID = TELEPACS_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = TELEPACS_IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae.strip()
+    dst.write(b"\x00" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(dst, meta, enforce_standard=True)  # type: ignore[arg-type]

@@ -1,0 +1,345 @@
+"""The catalogue's repository API: record, look up and enumerate instances.
+
+Every write is one transaction. Counts of series and instances are kept by
+increments under the study row's lock, so concurrent ingesters (threads or
+processes, SQLite or PostgreSQL) keep them right.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from archive.dataset import ParsedInstance, fold_name
+from archive.models import (
+    Base,
+    Facility,
+    Instance,
+    InstanceReplacement,
+    Patient,
+    PatientConflict,
+    Series,
+    Study,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class IndexUnavailable(RuntimeError):
+    """The index database could not be reached or refused the write."""
+
+
+class ConcurrentInsert(RuntimeError):
+    """Another ingester inserted the same SOP Instance UID first; retry the ingest."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an instance came from."""
+
+    via: str  # "dicom", "stow", "import", "orthanc", "reindex"
+    ae_title: str | None = None
+    host: str | None = None
+    facility: str | None = None
+
+    def describe(self) -> str:
+        if self.ae_title:
+            return f"{self.ae_title.strip()}@{self.host or '?'}"
+        return self.via
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+    dataset_sha256: str
+
+
+@dataclass(frozen=True)
+class IndexedInstance:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    object_key: str
+    size: int
+    sha256: str
+    dataset_sha256: str
+
+
+def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], conflict: list[str]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING on either database; True when a row was inserted."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    result = session.execute(stmt)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+_PATIENT_CHECKED = (("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"), ("sex", "PatientSex"))
+
+
+class CatalogIndex:
+    """Patients, studies, series and instances in a SQL database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index database unreachable: {exc.__class__.__name__}: {exc}") from None
+
+    # -- lookups ---------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
+        stmt = (
+            select(Instance.sop_instance_uid, Study.study_uid, Series.series_uid, Instance.object_key,
+                   Instance.size, Instance.sha256, Instance.dataset_sha256)
+            .join(Series, Instance.series_fk == Series.id)
+            .join(Study, Series.study_fk == Study.id)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+        try:
+            with self.session() as s:
+                row = s.execute(stmt).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
+        return IndexedInstance(*row) if row else None
+
+    def iter_instances(self, batch: int = 2000) -> Iterator[IndexedInstance]:
+        """Every indexed instance, in id order, fetched in batches (constant memory)."""
+        last_id = 0
+        while True:
+            stmt = (
+                select(Instance.id, Instance.sop_instance_uid, Study.study_uid, Series.series_uid,
+                       Instance.object_key, Instance.size, Instance.sha256, Instance.dataset_sha256)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .where(Instance.id > last_id)
+                .order_by(Instance.id)
+                .limit(batch)
+            )
+            with self.session() as s:
+                rows = s.execute(stmt).all()
+            if not rows:
+                return
+            for row in rows:
+                yield IndexedInstance(*row[1:])
+            last_id = rows[-1][0]
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return {
+                "patients": s.scalar(select(func.count()).select_from(Patient)) or 0,
+                "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+                "series": s.scalar(select(func.count()).select_from(Series)) or 0,
+                "instances": s.scalar(select(func.count()).select_from(Instance)) or 0,
+            }
+
+    def study_summary(self, study_uid: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                return None
+            return {
+                "study_uid": study.study_uid,
+                "patient_id": study.patient.patient_id,
+                "patient_name": study.patient.patient_name,
+                "modalities_in_study": study.modalities_in_study,
+                "num_series": study.num_series,
+                "num_instances": study.num_instances,
+                "facility": study.facility,
+            }
+
+    def series_instances_ordered(self, series_uid: str) -> list[dict[str, Any]]:
+        """The series' instances in display order (slice position, then instance number), from the index alone."""
+        stmt = (
+            select(Instance.sop_instance_uid, Instance.instance_number, Instance.slice_position,
+                   Instance.number_of_frames, Instance.display)
+            .join(Series, Instance.series_fk == Series.id)
+            .where(Series.series_uid == series_uid)
+            .order_by(Instance.slice_position.is_(None), Instance.slice_position, Instance.instance_number,
+                      Instance.sop_instance_uid)
+        )
+        with self.session() as s:
+            return [
+                {"sop_instance_uid": r[0], "instance_number": r[1], "slice_position": r[2],
+                 "number_of_frames": r[3], "display": r[4]}
+                for r in s.execute(stmt)
+            ]
+
+    # -- writes ----------------------------------------------------------
+
+    def sync_facilities(self, facilities: dict[str, str]) -> None:
+        """Make sure every facility code named in the configuration has a row."""
+        with self.session() as s, s.begin():
+            for code in sorted(set(facilities.values())):
+                _insert_ignore(s, Facility, {"code": code, "name": code}, ["code"])
+
+    def record_instance(
+        self,
+        parsed: ParsedInstance,
+        stored: StoredObject,
+        source: Source,
+        *,
+        replaces: IndexedInstance | None = None,
+    ) -> None:
+        """Catalogue an instance whose object is already durable, in one transaction."""
+        try:
+            with self.session() as s, s.begin():
+                self._record(s, parsed, stored, source, replaces)
+        except IntegrityError as exc:
+            if "sop_instance_uid" in str(exc.orig) or "instances" in str(exc.orig):
+                raise ConcurrentInsert(parsed.sop_instance_uid) from None
+            raise IndexUnavailable(f"index refused instance {parsed.sop_instance_uid}: {exc.orig}") from None
+        except DBAPIError as exc:
+            raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc.orig}") from None
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}") from None
+
+    def _record(
+        self, s: Session, p: ParsedInstance, stored: StoredObject, source: Source, replaces: IndexedInstance | None
+    ) -> None:
+        now = utcnow()
+        patient = self._patient(s, p, source, now)
+        _insert_ignore(
+            s,
+            Study,
+            {
+                "study_uid": p.study_uid, "patient_fk": patient.id, "study_date": p.study_date,
+                "study_time": p.study_time, "accession_number": p.accession_number,
+                "study_description": p.study_description, "referring_physician_name": p.referring_physician_name,
+                "study_id": p.study_id, "modalities_in_study": "", "num_series": 0, "num_instances": 0,
+                "facility": source.facility, "source_ae": source.ae_title, "received_at": now, "updated_at": now,
+            },
+            ["study_uid"],
+        )
+        # The study row lock serialises ingesters of the same study (counts stay exact).
+        study = s.scalars(select(Study).where(Study.study_uid == p.study_uid).with_for_update()).one()
+        if study.patient_fk != patient.id:
+            log.warning("study %s already belongs to patient %s; instance %s names patient %s (kept on the study's)",
+                        p.study_uid, study.patient_fk, p.sop_instance_uid, patient.patient_id)
+
+        series_inserted = _insert_ignore(
+            s,
+            Series,
+            {
+                "series_uid": p.series_uid, "study_fk": study.id, "modality": p.modality,
+                "series_number": p.series_number, "series_description": p.series_description,
+                "body_part_examined": p.body_part_examined, "num_instances": 0,
+                "summary": _series_summary(p), "received_at": now,
+            },
+            ["series_uid"],
+        )
+        series = s.scalars(select(Series).where(Series.series_uid == p.series_uid)).one()
+        if series_inserted:
+            study.num_series += 1
+            modalities = set(filter(None, study.modalities_in_study.split("\\")))
+            if p.modality:
+                modalities.add(p.modality)
+            study.modalities_in_study = "\\".join(sorted(modalities))
+
+        values = {
+            "sop_instance_uid": p.sop_instance_uid, "series_fk": series.id, "sop_class_uid": p.sop_class_uid,
+            "instance_number": p.instance_number, "transfer_syntax_uid": p.transfer_syntax_uid,
+            "number_of_frames": p.number_of_frames, "rows": p.rows, "columns": p.columns,
+            "slice_position": p.slice_position, "display": p.display, "object_key": stored.key,
+            "size": stored.size, "sha256": stored.sha256, "dataset_sha256": stored.dataset_sha256, "source_ae": source.ae_title,
+            "source_host": source.host, "facility": source.facility, "received_via": source.via,
+            "received_at": now,
+        }
+        if replaces is None:
+            s.add(Instance(**values))
+            s.flush()
+            series.num_instances += 1
+            study.num_instances += 1
+        else:
+            old = s.scalars(select(Instance).where(Instance.sop_instance_uid == p.sop_instance_uid)
+                            .with_for_update()).one()
+            if old.series_fk != series.id:
+                s.execute(update(Series).where(Series.id == old.series_fk)
+                          .values(num_instances=Series.num_instances - 1))
+                old_study_fk = s.scalar(select(Series.study_fk).where(Series.id == old.series_fk))
+                s.execute(update(Study).where(Study.id == old_study_fk)
+                          .values(num_instances=Study.num_instances - 1))
+                series.num_instances += 1
+                study.num_instances += 1
+            for name, value in values.items():
+                setattr(old, name, value)
+            s.add(InstanceReplacement(sop_instance_uid=p.sop_instance_uid, old_sha256=replaces.dataset_sha256,
+                                      new_sha256=stored.dataset_sha256, action="replaced", source_ae=source.ae_title))
+        study.updated_at = now
+
+    def _patient(self, s: Session, p: ParsedInstance, source: Source, now: dt.datetime) -> Patient:
+        received = {"patient_name": p.patient_name, "birth_date": p.patient_birth_date, "sex": p.patient_sex}
+        _insert_ignore(
+            s,
+            Patient,
+            {"patient_id": p.patient_id, "issuer": p.issuer_of_patient_id, **received,
+             "patient_name_folded": fold_name(p.patient_name), "created_at": now, "updated_at": now},
+            ["patient_id", "issuer"],
+        )
+        patient = s.scalars(
+            select(Patient).where(Patient.patient_id == p.patient_id, Patient.issuer == p.issuer_of_patient_id)
+            .with_for_update()
+        ).one()
+        for attr, keyword in _PATIENT_CHECKED:
+            known, new = getattr(patient, attr), received[attr]
+            if not new or known == new:
+                continue
+            if not known:
+                setattr(patient, attr, new)
+                if attr == "patient_name":
+                    patient.patient_name_folded = fold_name(new)
+                patient.updated_at = now
+                continue
+            # Same PatientID, different demographics: keep what we had, record the disagreement.
+            s.add(PatientConflict(patient_fk=patient.id, attribute=keyword, known_value=known, received_value=new,
+                                  sop_instance_uid=p.sop_instance_uid, source_ae=source.ae_title))
+            log.warning("patient %r: %s %r from %s differs from known %r (instance %s); recorded, not overwritten",
+                        p.patient_id, keyword, new, source.describe(), known, p.sop_instance_uid)
+        return patient
+
+    def record_kept_existing(self, sop_instance_uid: str, old_sha: str, new_sha: str, source: Source) -> None:
+        with self.session() as s, s.begin():
+            s.add(InstanceReplacement(sop_instance_uid=sop_instance_uid, old_sha256=old_sha, new_sha256=new_sha,
+                                      action="kept-existing", source_ae=source.ae_title))
+
+    def patient_conflicts(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.execute(select(Patient.patient_id, PatientConflict.attribute, PatientConflict.known_value,
+                                    PatientConflict.received_value, PatientConflict.sop_instance_uid)
+                             .join(Patient, PatientConflict.patient_fk == Patient.id)
+                             .order_by(PatientConflict.id)).all()
+        return [dict(zip(("patient_id", "attribute", "known", "received", "sop_instance_uid"), r)) for r in rows]
+
+    def clear(self) -> None:
+        """Delete every catalogue row (before a reindex from storage)."""
+        with self.session() as s, s.begin():
+            for model in (InstanceReplacement, Instance, Series, Study, PatientConflict, Patient):
+                s.execute(delete(model))
+
+
+def _series_summary(p: ParsedInstance) -> dict[str, Any]:
+    """Geometry and display defaults shared by a series, taken from its first instance."""
+    keep = ("ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness", "WindowCenter",
+            "WindowWidth", "RescaleSlope", "RescaleIntercept", "PhotometricInterpretation", "BitsStored",
+            "PixelRepresentation", "SamplesPerPixel")
+    summary: dict[str, Any] = {k: v for k, v in p.display.items() if k in keep}
+    summary.update({"Modality": p.modality, "Rows": p.rows, "Columns": p.columns, "SOPClassUID": p.sop_class_uid})
+    return summary

@@ -1,0 +1,170 @@
+"""The catalogue's tables: patients, studies, series, instances, facilities.
+
+Dates and times are kept as DICOM strings (``YYYYMMDD``, ``HHMMSS.FFFFFF``):
+they sort and range-match as text, the same on SQLite and PostgreSQL.
+Person names are Unicode; ``patient_name_folded`` is the lower-case,
+diacritic-free form used for fuzzy matching (``nguyen`` finds ``Nguyễn``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Facility(Base):
+    """A hospital or commune station whose modalities send to us."""
+
+    __tablename__ = "facilities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_name_folded: Mapped[str] = mapped_column(String(324), default="", index=True)
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class PatientConflict(Base):
+    """Demographics that disagreed with what we already had for the same PatientID."""
+
+    __tablename__ = "patient_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    attribute: Mapped[str] = mapped_column(String(64))
+    known_value: Mapped[str] = mapped_column(String(324))
+    received_value: Mapped[str] = mapped_column(String(324))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    detected_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    __table_args__ = (
+        Index("ix_studies_date_time", "study_date", "study_time"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_description: Mapped[str] = mapped_column(String(256), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    modalities_in_study: Mapped[str] = mapped_column(String(128), default="")
+    num_series: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    facility: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(256), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(64), default="")
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # What the viewer needs to lay out the series without reading its files:
+    # geometry and display defaults of the first instance received.
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        # The series' display order: by position along the slice normal, then number.
+        Index("ix_instances_series_order", "series_fk", "slice_position", "instance_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    slice_position: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Per-instance display metadata (position, spacing, window...) for the viewer.
+    display: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    object_key: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the stored object (what `verify` checks)
+    dataset_sha256: Mapped[str] = mapped_column(String(64))  # of the dataset alone: the duplicate test
+    source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    source_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    facility: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    received_via: Mapped[str] = mapped_column(String(16), default="dicom")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class InstanceReplacement(Base):
+    """An instance that arrived again with different bytes, and what was done."""
+
+    __tablename__ = "instance_replacements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    old_sha256: Mapped[str] = mapped_column(String(64))  # dataset checksums
+    new_sha256: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+__all__ = [
+    "Base",
+    "Facility",
+    "Patient",
+    "PatientConflict",
+    "Study",
+    "Series",
+    "Instance",
+    "InstanceReplacement",
+]

@@ -1,0 +1,38 @@
+"""Run one DICOM receiving process: ``python -m dicom_node [--reuse-port]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from archive.config import load_settings
+from archive.service import Archive
+from dicom_node.server import start_node
+from telepacs.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dicom_node")
+    parser.add_argument("--config", help="TOML settings file")
+    parser.add_argument("--reuse-port", action="store_true", help="share the port with sibling workers")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level)
+    archive = Archive.open(settings, migrate=False)
+    server = start_node(archive, reuse_port=args.reuse_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logging.getLogger("dicom_node").info("DICOM worker stopping")
+    server.shutdown()
+    server.server_close()
+    archive.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Build and run the DICOM node: application entity, association policy, presentation contexts.
+
+Several receiving processes can share one port (``dicom.workers``):
+each binds with SO_REUSEPORT and the kernel spreads connections over them.
+Every accepted socket gets TCP_NODELAY (small DIMSE responses must not wait
+for Nagle's algorithm).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import threading
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from archive.service import Archive
+from dicom_node import handlers, polling
+
+log = logging.getLogger(__name__)
+
+MAX_PDU = 1 << 20  # 1 MiB: fewer PDUs (and fewer reactor turns) per instance
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT on the listener and TCP_NODELAY on connections."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def configure_pynetdicom(archive: Archive) -> None:
+    """Process-wide pynetdicom settings for a receiving node."""
+    # Write received datasets straight to a Part 10 file instead of memory
+    # (a 500 MB multi-frame must not be held whole), on the data dir's file
+    # system so that storing it is a rename.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(archive.settings.incoming_dir)
+    polling.install()
+
+
+def build_ae(archive: Archive) -> AE:
+    settings = archive.settings
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = MAX_PDU
+    ae.maximum_associations = 64
+    ae.network_timeout = 60
+    ae.dimse_timeout = 60
+    ae.acse_timeout = 30
+    ae.require_called_aet = True
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def event_handlers(archive: Archive) -> list[Any]:
+    return [
+        (evt.EVT_REQUESTED, handlers.handle_requested, [archive]),
+        (evt.EVT_ESTABLISHED, handlers.handle_established, [archive]),
+        (evt.EVT_ABORTED, handlers.handle_aborted, [archive]),
+        (evt.EVT_C_ECHO, handlers.handle_echo, [archive]),
+        (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+    ]
+
+
+def start_node(archive: Archive, *, reuse_port: bool = False) -> NodeServer:
+    """Start the node in a background thread and return its server (``.shutdown()`` stops it)."""
+    configure_pynetdicom(archive)
+    archive.remove_stale_incoming()
+    ae = build_ae(archive)
+    settings = archive.settings
+    server_class = type("NodeServerInstance", (NodeServer,), {"reuse_port": reuse_port})
+    server = ae.make_server(
+        (settings.dicom_host, settings.dicom_port),
+        evt_handlers=event_handlers(archive),
+        server_class=server_class,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-node", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    log.info("DICOM node %s listening on %s:%s", settings.ae_title, host, port)
+    return server  # type: ignore[return-value]

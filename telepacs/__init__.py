@@ -1,0 +1,1 @@
+"""telepacs: the composition root (the ``telepacs`` command). No domain logic here."""

@@ -1,0 +1,188 @@
+"""The ``telepacs`` command: wires settings, archive, DICOM node and web app together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from archive.config import ConfigError, Settings, load_settings
+from archive.db import make_engine, upgrade_schema
+from archive.index import Source
+from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
+from telepacs.logs import setup_logging
+
+log = logging.getLogger("telepacs")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_schema(make_engine(settings.db_url))
+    print(f"index ready: {settings.db_url.split('@')[-1]}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the DICOM node workers and the web app under gunicorn until interrupted."""
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_schema(make_engine(settings.db_url))
+    env = dict(os.environ)
+    if args.config:
+        env["TELEPACS_CONFIG"] = str(Path(args.config).resolve())
+    env.setdefault("TELEPACS_DATA_DIR", str(settings.data_dir))
+    workers = settings.dicom_workers
+    procs: list[subprocess.Popen[bytes]] = []
+    for _ in range(workers):
+        cmd = [sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if workers > 1 else [])
+        procs.append(subprocess.Popen(cmd, env=env))
+    if not args.no_web:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"{settings.http_host}:{settings.http_port}",
+             "--workers", str(args.web_workers), "--access-logfile", "-", "viewer:create_app()"],
+            env=env,
+        ))
+    print(f"telepacs: DICOM node {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port} "
+          f"({workers} receiving process{'es' if workers > 1 else ''})", flush=True)
+    if not args.no_web:
+        print(f"telepacs: web on http://{settings.http_host}:{settings.http_port}/", flush=True)
+    print(f"telepacs: data in {settings.data_dir} (index {settings.db_url.split('@')[-1]}, "
+          f"storage {settings.storage_url.split('@')[-1]})", flush=True)
+
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while not stopping:
+        for proc in procs:
+            if proc.poll() is not None:
+                log.error("child %s exited with %s; stopping telepacs", proc.args, proc.returncode)
+                stopping, status = True, 1
+        time.sleep(0.5)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return status
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    archive = Archive.open(settings)
+    source = Source("import", ae_title=None, host=None, facility=args.facility)
+    sources = list(iter_dicom_paths([Path(p) for p in args.paths]))
+    counts = {o.value: 0 for o in IngestOutcome} | {"failed": 0}
+    try:
+        with tqdm(total=len(sources), unit="file", desc="import", disable=args.quiet) as bar:
+            for name, opener in sources:
+                try:
+                    with opener() as stream:
+                        result = archive.ingest_stream(stream, source, name=name)
+                    counts[result.outcome.value] += 1
+                except IngestError as exc:
+                    counts["failed"] += 1
+                    tqdm.write(f"refused: {exc.message}", file=sys.stderr)
+                except OSError as exc:
+                    counts["failed"] += 1
+                    tqdm.write(f"{name}: cannot read: {exc}", file=sys.stderr)
+                bar.update(1)
+    finally:
+        archive.close()
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 1 if counts["failed"] else 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    archive = Archive.open(_settings(args))
+    try:
+        with tqdm(unit="object", desc="reindex", disable=args.quiet) as bar:
+            counts = archive.reindex(progress=bar.update)
+    finally:
+        archive.close()
+    print(f"indexed: {counts['indexed']}, skipped: {counts['skipped']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    archive = Archive.open(_settings(args))
+    try:
+        total = archive.index.counts()["instances"]
+        with tqdm(total=total, unit="instance", desc="verify", disable=args.quiet) as bar:
+            report = archive.verify(progress=bar.update, checksums=not args.quick)
+    finally:
+        archive.close()
+    for key in report.missing:
+        print(f"MISSING  {key}")
+    for key in report.corrupt:
+        print(f"CORRUPT  {key}")
+    for key in report.orphaned:
+        print(f"ORPHANED {key}")
+    print(f"checked: {report.checked}, missing: {len(report.missing)}, corrupt: {len(report.corrupt)}, "
+          f"orphaned: {len(report.orphaned)}")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telepacs", description="PACS archive and teleradiology viewer")
+    parser.add_argument("--config", help="TOML settings file (default: $TELEPACS_CONFIG or DATA_DIR/telepacs.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the DICOM node and the web app")
+    p.add_argument("--no-web", action="store_true", help="only the DICOM node")
+    p.add_argument("--web-workers", type=int, default=2)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("init", help="create or upgrade the index schema")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("import", help="ingest DICOM files, folders and zip archives")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--facility", help="facility code recorded on the imported instances")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("reindex", help="rebuild the whole index from storage")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("verify", help="check every indexed object exists with its checksum; list orphans")
+    p.add_argument("--quick", action="store_true", help="existence only, no checksums")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"telepacs: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The web side of telepacs: a Flask app factory (``gunicorn "viewer:create_app()"``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+
+from archive.config import load_settings
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the web app; settings come from ``archive.config`` unless a test passes its own."""
+    app = Flask(__name__)
+    settings = load_settings()
+    app.config.update(TELEPACS_SETTINGS=settings)
+    if test_config:
+        app.config.update(test_config)
+
+    @app.get("/healthz")
+    def healthz() -> ResponseReturnValue:
+        return jsonify(status="ok", ae_title=app.config["TELEPACS_SETTINGS"].ae_title)
+
+    return app
