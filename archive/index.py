@@ -79,9 +79,10 @@ def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], 
     """INSERT … ON CONFLICT DO NOTHING on either database; True when a row was inserted."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict)
-    result = session.execute(stmt)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    table = model.__table__  # type: ignore[attr-defined]
+    stmt = insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict).returning(table.c.id)
+    # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING.
+    return session.execute(stmt).first() is not None
 
 
 _PATIENT_CHECKED = (("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"), ("sex", "PatientSex"))

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from archive.config import AllowedCaller, ConfigError, DuplicatePolicy, load_settings
+
+
+def test_defaults(tmp_path):
+    s = load_settings(env={}, data_dir=str(tmp_path))
+    assert s.ae_title == "TELEPACS"
+    assert s.dicom_port == 11112
+    assert (s.http_host, s.http_port) == ("127.0.0.1", 8042)
+    assert s.db_url == f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    assert s.storage_url == (tmp_path / "objects").as_uri()
+    assert s.duplicate_policy is DuplicatePolicy.KEEP_NEWER
+
+
+def test_toml_then_environment(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(
+        f'data_dir = "{tmp_path}"\n'
+        "[dicom]\nae_title = \"HUB\"\nport = 104\n"
+        "allowed_callers = [{ ae = \"CT1\", host = \"10.0.0.5\" }, \"MR1\"]\n"
+        "[dicom.facilities]\nCT1 = \"BV-HUYEN-A\"\n"
+        "[ingest]\nduplicate_policy = \"reject\"\n"
+    )
+    env = {"TELEPACS_DICOM_PORT": "11113", "TELEPACS_STORAGE_URL": "s3://a:b@h:9000/bkt?secure=false"}
+    s = load_settings(cfg, env=env)
+    assert s.ae_title == "HUB"
+    assert s.dicom_port == 11113  # the environment wins over the file
+    assert s.storage_url.startswith("s3://")
+    assert s.duplicate_policy is DuplicatePolicy.REJECT
+    assert s.allowed_callers == (AllowedCaller("CT1", "10.0.0.5"), AllowedCaller("MR1"))
+    assert s.facility_for("CT1") == "BV-HUYEN-A"
+    assert s.caller_allowed("CT1", "10.0.0.5")
+    assert not s.caller_allowed("CT1", "10.0.0.6")
+    assert s.caller_allowed("MR1", "anywhere")
+    assert not s.caller_allowed("EVIL", "10.0.0.5")
+
+
+def test_environment_lists(tmp_path):
+    env = {"TELEPACS_ALLOWED_CALLERS": "CT1@10.0.0.5,MR1", "TELEPACS_FACILITIES": "CT1=A,MR1=B"}
+    s = load_settings(env=env, data_dir=str(tmp_path))
+    assert s.allowed_callers == (AllowedCaller("CT1", "10.0.0.5"), AllowedCaller("MR1"))
+    assert dict(s.facilities) == {"CT1": "A", "MR1": "B"}
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"TELEPACS_DICOM_PORT": "eleven"}, "DICOM port must be an integer"),
+        ({"TELEPACS_HTTP_PORT": "70000"}, "HTTP port must be a TCP port"),
+        ({"TELEPACS_AE_TITLE": "A" * 17}, "AE title must be 1-16"),
+        ({"TELEPACS_DUPLICATE_POLICY": "merge"}, "duplicate_policy must be one of"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(tmp_path, env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env, data_dir=str(tmp_path))
+
+
+def test_unknown_toml_key_is_refused(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[dicom]\naetitle = \"X\"\n")
+    with pytest.raises(ConfigError, match="unknown setting \\[dicom\\] aetitle"):
+        load_settings(cfg, env={})
+
+
+def test_data_dir_toml_is_read(tmp_path):
+    (tmp_path / "telepacs.toml").write_text("[http]\nport = 9000\n")
+    s = load_settings(env={"TELEPACS_DATA_DIR": str(tmp_path)})
+    assert s.http_port == 9000
+    assert s.data_dir == Path(tmp_path).resolve()
