@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     logging.getLogger("dicom_node").info("DICOM worker stopping")
     server.shutdown()
-    server.server_close()
     archive.close()
     return 0
 

@@ -85,3 +85,25 @@ def handle_established(event: Event, archive: Archive) -> None:
 def handle_aborted(event: Event, archive: Archive) -> None:
     ae_title, host = peer_of(event)
     log.warning("association from %s@%s aborted; instances already acknowledged are stored", ae_title, host)
+    discard_partial_dataset(event)
+
+
+def handle_conn_close(event: Event, archive: Archive) -> None:
+    discard_partial_dataset(event)
+
+
+def discard_partial_dataset(event: Event) -> None:
+    """Delete the temporary file of a C-STORE cut off mid-transfer (pynetdicom leaves it behind)."""
+    message = getattr(event.assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    message._data_set_file = None  # type: ignore[union-attr]
+    try:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("could not remove partial dataset %s: %s", partial.name, exc)
+        return
+    ae_title, host = peer_of(event)
+    log.warning("discarded the incomplete dataset of an interrupted C-STORE from %s@%s", ae_title, host)

@@ -72,6 +72,7 @@ def event_handlers(archive: Archive) -> list[Any]:
         (evt.EVT_REQUESTED, handlers.handle_requested, [archive]),
         (evt.EVT_ESTABLISHED, handlers.handle_established, [archive]),
         (evt.EVT_ABORTED, handlers.handle_aborted, [archive]),
+        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [archive]),
         (evt.EVT_C_ECHO, handlers.handle_echo, [archive]),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
     ]
@@ -89,6 +90,7 @@ def start_node(archive: Archive, *, reuse_port: bool = False) -> NodeServer:
         evt_handlers=event_handlers(archive),
         server_class=server_class,
     )
+    ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
     thread = threading.Thread(target=server.serve_forever, name="dicom-node", daemon=True)
     thread.start()
     host, port = server.server_address[:2]

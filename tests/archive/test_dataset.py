@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from archive.dataset import InvalidDataset, fold_name, read_instance, slice_position, wrap_raw_dataset
-from conftest import CT_RAW_DIR, TS_DIR, dicom_files
+from helpers import CT_RAW_DIR, TS_DIR, dicom_files
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from archive.db import make_engine, upgrade_schema
 from archive.index import CatalogIndex, IndexUnavailable, Source
 from archive.models import Instance, Patient, Series, Study
 from archive.service import Archive, IngestError, IngestFailure, IngestOutcome, iter_dicom_paths
-from conftest import CT_RAW_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, make_settings, part10_dataset_bytes
+from helpers import CT_RAW_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, make_settings, part10_dataset_bytes
 from storage import LocalObjectStore, StorageError
 from tests.peers import PostgresServer
 
