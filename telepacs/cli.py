@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "--workers", str(args.web_workers), "--access-logfile", "-", "viewer:create_app()"],
             env=env,
         ))
+    _wait_listening(settings.dicom_host, settings.dicom_port, procs)
+    if not args.no_web:
+        _wait_listening(settings.http_host, settings.http_port, procs)
     print(f"telepacs: DICOM node {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port} "
           f"({workers} receiving process{'es' if workers > 1 else ''})", flush=True)
     if not args.no_web:
@@ -85,6 +89,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return status
+
+
+def _wait_listening(host: str, port: int, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    """Wait until something accepts connections on host:port (or a child died)."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return
+        try:
+            with socket.create_connection((target, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    log.warning("nothing listens on %s:%s after %.0f s", host, port, timeout)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
