@@ -10,11 +10,17 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
 
 log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+# Execution option marking a connection used for writes (see write_engine()).
+WRITE_OPTION = "telepacs_write"
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same engine, marked so that SQLite transactions on it begin IMMEDIATE."""
+    return engine.execution_options(**{WRITE_OPTION: True})
 
 
 def normalise_db_url(url: str) -> str:
@@ -45,9 +51,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # IMMEDIATE takes the write lock up front: concurrent ingesters queue on
-        # busy_timeout instead of failing when a read transaction upgrades.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Write transactions take the lock up front (IMMEDIATE): concurrent
+        # ingesters queue on busy_timeout instead of failing when a read
+        # transaction upgrades. Reads stay deferred and never block writers (WAL).
+        if conn.get_execution_options().get(WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -62,10 +72,6 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:  # type: ignore[type-arg]
-    return sessionmaker(engine, expire_on_commit=False)
-
-
 def alembic_config(engine: Engine) -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
@@ -75,7 +81,7 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent)."""
-    with engine.begin() as conn:
+    with write_engine(engine).begin() as conn:
         cfg = alembic_config(engine)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

@@ -12,12 +12,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, delete, func, select, update
+from collections import OrderedDict
+
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from archive.dataset import ParsedInstance, fold_name
+from archive.db import write_engine
 from archive.models import (
     Base,
     Facility,
@@ -41,6 +44,31 @@ class ConcurrentInsert(RuntimeError):
     """Another ingester inserted the same SOP Instance UID first; retry the ingest."""
 
 
+class _StaleCache(RuntimeError):
+    """A cached study/series row is gone (e.g. after a reindex): take the full path."""
+
+
+@dataclass(frozen=True)
+class _KnownSeries:
+    """Rows an instance of this series hangs on, remembered after a commit (fast path)."""
+
+    series_id: int
+    study_id: int
+    demographics: tuple[str, str, str]  # the patient's name, birth date, sex as indexed
+
+
+class _LRU(OrderedDict[str, _KnownSeries]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def remember(self, key: str, value: _KnownSeries) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class Source:
     """Where an instance came from."""
@@ -60,8 +88,8 @@ class Source:
 class StoredObject:
     key: str
     size: int
-    sha256: str
-    dataset_sha256: str
+    checksum: str
+    dataset_checksum: str
 
 
 @dataclass(frozen=True)
@@ -71,8 +99,8 @@ class IndexedInstance:
     series_uid: str
     object_key: str
     size: int
-    sha256: str
-    dataset_sha256: str
+    checksum: str
+    dataset_checksum: str
 
 
 def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], conflict: list[str]) -> bool:
@@ -94,9 +122,16 @@ class CatalogIndex:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(write_engine(engine), expire_on_commit=False)
+        self._known_series = _LRU(4096)
 
     def session(self) -> Session:
+        """A session for reading."""
         return self._sessions()
+
+    def write_session(self) -> Session:
+        """A session for writing (on SQLite its transactions begin IMMEDIATE)."""
+        return self._write_sessions()
 
     def ping(self) -> None:
         try:
@@ -110,7 +145,7 @@ class CatalogIndex:
     def find_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
         stmt = (
             select(Instance.sop_instance_uid, Study.study_uid, Series.series_uid, Instance.object_key,
-                   Instance.size, Instance.sha256, Instance.dataset_sha256)
+                   Instance.size, Instance.checksum, Instance.dataset_checksum)
             .join(Series, Instance.series_fk == Series.id)
             .join(Study, Series.study_fk == Study.id)
             .where(Instance.sop_instance_uid == sop_instance_uid)
@@ -128,7 +163,7 @@ class CatalogIndex:
         while True:
             stmt = (
                 select(Instance.id, Instance.sop_instance_uid, Study.study_uid, Series.series_uid,
-                       Instance.object_key, Instance.size, Instance.sha256, Instance.dataset_sha256)
+                       Instance.object_key, Instance.size, Instance.checksum, Instance.dataset_checksum)
                 .join(Series, Instance.series_fk == Series.id)
                 .join(Study, Series.study_fk == Study.id)
                 .where(Instance.id > last_id)
@@ -188,7 +223,7 @@ class CatalogIndex:
 
     def sync_facilities(self, facilities: dict[str, str]) -> None:
         """Make sure every facility code named in the configuration has a row."""
-        with self.session() as s, s.begin():
+        with self.write_session() as s, s.begin():
             for code in sorted(set(facilities.values())):
                 _insert_ignore(s, Facility, {"code": code, "name": code}, ["code"])
 
@@ -200,10 +235,24 @@ class CatalogIndex:
         *,
         replaces: IndexedInstance | None = None,
     ) -> None:
-        """Catalogue an instance whose object is already durable, in one transaction."""
+        """Catalogue an instance whose object is already durable, in one transaction.
+
+        Most instances belong to a series seen a moment ago: for those, one
+        INSERT and two counter UPDATEs suffice (the fast path). Anything else
+        (a new series, a replacement, changed demographics) takes the full path.
+        """
         try:
-            with self.session() as s, s.begin():
-                self._record(s, parsed, stored, source, replaces)
+            known = self._known_series.get(parsed.series_uid) if replaces is None else None
+            if known is not None:
+                try:
+                    with self.write_session() as s, s.begin():
+                        self._record_known(s, known, parsed, stored, source)
+                    return
+                except _StaleCache:
+                    self._known_series.clear()
+            with self.write_session() as s, s.begin():
+                known = self._record(s, parsed, stored, source, replaces)
+            self._known_series.remember(parsed.series_uid, known)
         except IntegrityError as exc:
             if "sop_instance_uid" in str(exc.orig) or "instances" in str(exc.orig):
                 raise ConcurrentInsert(parsed.sop_instance_uid) from None
@@ -213,9 +262,27 @@ class CatalogIndex:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}") from None
 
+    def _record_known(
+        self, s: Session, known: _KnownSeries, p: ParsedInstance, stored: StoredObject, source: Source
+    ) -> None:
+        received = (p.patient_name, p.patient_birth_date, p.patient_sex)
+        if any(new and new != old for new, old in zip(received, known.demographics)):
+            raise _StaleCache("demographics differ: the full path records the conflict")
+        now = utcnow()
+        # Lock order as on the full path (study, then series), so PostgreSQL never deadlocks.
+        bumped = s.execute(update(Study).where(Study.id == known.study_id)
+                           .values(num_instances=Study.num_instances + 1, updated_at=now))
+        if bumped.rowcount != 1:  # type: ignore[attr-defined]
+            raise _StaleCache(p.study_uid)
+        bumped = s.execute(update(Series).where(Series.id == known.series_id)
+                           .values(num_instances=Series.num_instances + 1))
+        if bumped.rowcount != 1:  # type: ignore[attr-defined]
+            raise _StaleCache(p.series_uid)
+        s.execute(insert(Instance), [_instance_values(p, stored, source, known.series_id, now)])
+
     def _record(
         self, s: Session, p: ParsedInstance, stored: StoredObject, source: Source, replaces: IndexedInstance | None
-    ) -> None:
+    ) -> _KnownSeries:
         now = utcnow()
         patient = self._patient(s, p, source, now)
         _insert_ignore(
@@ -255,15 +322,7 @@ class CatalogIndex:
                 modalities.add(p.modality)
             study.modalities_in_study = "\\".join(sorted(modalities))
 
-        values = {
-            "sop_instance_uid": p.sop_instance_uid, "series_fk": series.id, "sop_class_uid": p.sop_class_uid,
-            "instance_number": p.instance_number, "transfer_syntax_uid": p.transfer_syntax_uid,
-            "number_of_frames": p.number_of_frames, "rows": p.rows, "columns": p.columns,
-            "slice_position": p.slice_position, "display": p.display, "object_key": stored.key,
-            "size": stored.size, "sha256": stored.sha256, "dataset_sha256": stored.dataset_sha256, "source_ae": source.ae_title,
-            "source_host": source.host, "facility": source.facility, "received_via": source.via,
-            "received_at": now,
-        }
+        values = _instance_values(p, stored, source, series.id, now)
         if replaces is None:
             s.add(Instance(**values))
             s.flush()
@@ -282,9 +341,11 @@ class CatalogIndex:
                 study.num_instances += 1
             for name, value in values.items():
                 setattr(old, name, value)
-            s.add(InstanceReplacement(sop_instance_uid=p.sop_instance_uid, old_sha256=replaces.dataset_sha256,
-                                      new_sha256=stored.dataset_sha256, action="replaced", source_ae=source.ae_title))
+            s.add(InstanceReplacement(sop_instance_uid=p.sop_instance_uid, old_checksum=replaces.dataset_checksum,
+                                      new_checksum=stored.dataset_checksum, action="replaced", source_ae=source.ae_title))
         study.updated_at = now
+        s.flush()
+        return _KnownSeries(series.id, study.id, (patient.patient_name, patient.birth_date, patient.sex))
 
     def _patient(self, s: Session, p: ParsedInstance, source: Source, now: dt.datetime) -> Patient:
         received = {"patient_name": p.patient_name, "birth_date": p.patient_birth_date, "sex": p.patient_sex}
@@ -317,8 +378,8 @@ class CatalogIndex:
         return patient
 
     def record_kept_existing(self, sop_instance_uid: str, old_sha: str, new_sha: str, source: Source) -> None:
-        with self.session() as s, s.begin():
-            s.add(InstanceReplacement(sop_instance_uid=sop_instance_uid, old_sha256=old_sha, new_sha256=new_sha,
+        with self.write_session() as s, s.begin():
+            s.add(InstanceReplacement(sop_instance_uid=sop_instance_uid, old_checksum=old_sha, new_checksum=new_sha,
                                       action="kept-existing", source_ae=source.ae_title))
 
     def patient_conflicts(self) -> list[dict[str, Any]]:
@@ -331,9 +392,23 @@ class CatalogIndex:
 
     def clear(self) -> None:
         """Delete every catalogue row (before a reindex from storage)."""
-        with self.session() as s, s.begin():
+        with self.write_session() as s, s.begin():
             for model in (InstanceReplacement, Instance, Series, Study, PatientConflict, Patient):
                 s.execute(delete(model))
+        self._known_series.clear()
+
+
+def _instance_values(p: ParsedInstance, stored: StoredObject, source: Source, series_id: int,
+                     now: dt.datetime) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": p.sop_instance_uid, "series_fk": series_id, "sop_class_uid": p.sop_class_uid,
+        "instance_number": p.instance_number, "transfer_syntax_uid": p.transfer_syntax_uid,
+        "number_of_frames": p.number_of_frames, "rows": p.rows, "columns": p.columns,
+        "slice_position": p.slice_position, "display": p.display, "object_key": stored.key,
+        "size": stored.size, "checksum": stored.checksum, "dataset_checksum": stored.dataset_checksum,
+        "source_ae": source.ae_title, "source_host": source.host, "facility": source.facility,
+        "received_via": source.via, "received_at": now,
+    }
 
 
 def _series_summary(p: ParsedInstance) -> dict[str, Any]:

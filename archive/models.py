@@ -133,8 +133,8 @@ class Instance(Base):
     display: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     object_key: Mapped[str] = mapped_column(String(200))
     size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))  # of the stored object (what `verify` checks)
-    dataset_sha256: Mapped[str] = mapped_column(String(64))  # of the dataset alone: the duplicate test
+    checksum: Mapped[str] = mapped_column(String(64))  # BLAKE3 of the stored object (what `verify` checks)
+    dataset_checksum: Mapped[str] = mapped_column(String(64))  # BLAKE3 of the dataset alone: the duplicate test
     source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
     source_host: Mapped[str | None] = mapped_column(String(64), nullable=True)
     facility: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -151,8 +151,8 @@ class InstanceReplacement(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    old_sha256: Mapped[str] = mapped_column(String(64))  # dataset checksums
-    new_sha256: Mapped[str] = mapped_column(String(64))
+    old_checksum: Mapped[str] = mapped_column(String(64))  # dataset checksums
+    new_checksum: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(16))
     source_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

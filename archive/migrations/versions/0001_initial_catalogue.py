@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 20:46:59.765453
+Create Date: 2026-11-22
 """
 from alembic import op
 import sqlalchemy as sa
@@ -26,8 +26,8 @@ def upgrade() -> None:
     op.create_table('instance_replacements',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
-    sa.Column('old_sha256', sa.String(length=64), nullable=False),
-    sa.Column('new_sha256', sa.String(length=64), nullable=False),
+    sa.Column('old_checksum', sa.String(length=64), nullable=False),
+    sa.Column('new_checksum', sa.String(length=64), nullable=False),
     sa.Column('action', sa.String(length=16), nullable=False),
     sa.Column('source_ae', sa.String(length=16), nullable=True),
     sa.Column('at', sa.DateTime(timezone=True), nullable=False),
@@ -129,8 +129,8 @@ def upgrade() -> None:
     sa.Column('display', sa.JSON(), nullable=False),
     sa.Column('object_key', sa.String(length=200), nullable=False),
     sa.Column('size', sa.BigInteger(), nullable=False),
-    sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('dataset_sha256', sa.String(length=64), nullable=False),
+    sa.Column('checksum', sa.String(length=64), nullable=False),
+    sa.Column('dataset_checksum', sa.String(length=64), nullable=False),
     sa.Column('source_ae', sa.String(length=16), nullable=True),
     sa.Column('source_host', sa.String(length=64), nullable=True),
     sa.Column('facility', sa.String(length=64), nullable=True),
