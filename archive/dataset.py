@@ -60,6 +60,7 @@ class ParsedInstance:
     columns: int | None = None
     slice_position: float | None = None
     display: dict[str, Any] = field(default_factory=dict)
+    dataset_offset: int = 0  # where the dataset starts in the Part 10 file (after the file meta group)
 
 
 def fold_name(name: str) -> str:
@@ -196,6 +197,13 @@ def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
         raise InvalidDataset(f"{path.name}: cannot decode dataset: {type(exc).__name__}: {exc}") from None
     _check_complete(ds, size, path)
     meta = ds.file_meta
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if isinstance(group_length, int) and 0 < group_length < size:
+        # Preamble and "DICM" (132 bytes), the group length element (12), then the group.
+        offset = 132 + 12 + group_length
+    else:
+        with open(path, "rb") as fp:
+            offset = dataset_offset(fp)
     try:
         transfer_syntax = validate_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
         sop_instance_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -207,13 +215,13 @@ def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
     except (ValueError, TypeError, KeyError) as exc:
         raise InvalidDataset(f"{path.name}: cannot decode a UID: {exc}") from None
     try:
-        parsed = _parsed(ds, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax)
+        parsed = _parsed(ds, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, offset)
     except (ValueError, TypeError, KeyError, LookupError, UnicodeDecodeError) as exc:
         raise InvalidDataset(f"{path.name}: cannot decode attributes: {type(exc).__name__}: {exc}") from None
     return parsed, meta
 
 
-def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: str) -> ParsedInstance:
+def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: str, offset: int) -> ParsedInstance:
     frames = _int_or_none(ds, "NumberOfFrames")
     return ParsedInstance(
         sop_instance_uid=sop,
@@ -242,6 +250,7 @@ def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: 
         columns=_int_or_none(ds, "Columns"),
         slice_position=slice_position(ds),
         display=display_metadata(ds),
+        dataset_offset=offset,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from collections import OrderedDict
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -113,6 +113,27 @@ def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], 
     return session.execute(stmt).first() is not None
 
 
+# Core statements on the tables (not the ORM): the per-instance path runs them
+# hundreds of times a second, where the ORM's bookkeeping costs more than the SQL.
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
+_STUDIES = Study.__table__
+_FIND_INSTANCE = (
+    select(_INSTANCES.c.sop_instance_uid, _STUDIES.c.study_uid, _SERIES.c.series_uid, _INSTANCES.c.object_key,
+           _INSTANCES.c.size, _INSTANCES.c.checksum, _INSTANCES.c.dataset_checksum)
+    .join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
+    .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
+)
+_BUMP_STUDY = (
+    update(_STUDIES).where(_STUDIES.c.id == bindparam("b_study"))
+    .values(num_instances=_STUDIES.c.num_instances + 1, updated_at=bindparam("b_now"))
+)
+_BUMP_SERIES = (
+    update(_SERIES).where(_SERIES.c.id == bindparam("b_series"))
+    .values(num_instances=_SERIES.c.num_instances + 1)
+)
+
 _PATIENT_CHECKED = (("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"), ("sex", "PatientSex"))
 
 
@@ -122,7 +143,8 @@ class CatalogIndex:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(write_engine(engine), expire_on_commit=False)
+        self._write_engine = write_engine(engine)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._known_series = _LRU(4096)
 
     def session(self) -> Session:
@@ -143,16 +165,9 @@ class CatalogIndex:
     # -- lookups ---------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
-        stmt = (
-            select(Instance.sop_instance_uid, Study.study_uid, Series.series_uid, Instance.object_key,
-                   Instance.size, Instance.checksum, Instance.dataset_checksum)
-            .join(Series, Instance.series_fk == Series.id)
-            .join(Study, Series.study_fk == Study.id)
-            .where(Instance.sop_instance_uid == sop_instance_uid)
-        )
         try:
-            with self.session() as s:
-                row = s.execute(stmt).first()
+            with self.engine.connect() as conn:
+                row = conn.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).first()
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
         return IndexedInstance(*row) if row else None
@@ -245,8 +260,8 @@ class CatalogIndex:
             known = self._known_series.get(parsed.series_uid) if replaces is None else None
             if known is not None:
                 try:
-                    with self.write_session() as s, s.begin():
-                        self._record_known(s, known, parsed, stored, source)
+                    with self._write_engine.begin() as conn:
+                        self._record_known(conn, known, parsed, stored, source)
                     return
                 except _StaleCache:
                     self._known_series.clear()
@@ -263,22 +278,18 @@ class CatalogIndex:
             raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}") from None
 
     def _record_known(
-        self, s: Session, known: _KnownSeries, p: ParsedInstance, stored: StoredObject, source: Source
+        self, conn: Connection, known: _KnownSeries, p: ParsedInstance, stored: StoredObject, source: Source
     ) -> None:
         received = (p.patient_name, p.patient_birth_date, p.patient_sex)
         if any(new and new != old for new, old in zip(received, known.demographics)):
             raise _StaleCache("demographics differ: the full path records the conflict")
         now = utcnow()
         # Lock order as on the full path (study, then series), so PostgreSQL never deadlocks.
-        bumped = s.execute(update(Study).where(Study.id == known.study_id)
-                           .values(num_instances=Study.num_instances + 1, updated_at=now))
-        if bumped.rowcount != 1:  # type: ignore[attr-defined]
+        if conn.execute(_BUMP_STUDY, {"b_study": known.study_id, "b_now": now}).rowcount != 1:
             raise _StaleCache(p.study_uid)
-        bumped = s.execute(update(Series).where(Series.id == known.series_id)
-                           .values(num_instances=Series.num_instances + 1))
-        if bumped.rowcount != 1:  # type: ignore[attr-defined]
+        if conn.execute(_BUMP_SERIES, {"b_series": known.series_id}).rowcount != 1:
             raise _StaleCache(p.series_uid)
-        s.execute(insert(Instance), [_instance_values(p, stored, source, known.series_id, now)])
+        conn.execute(insert(_INSTANCES), _instance_values(p, stored, source, known.series_id, now))
 
     def _record(
         self, s: Session, p: ParsedInstance, stored: StoredObject, source: Source, replaces: IndexedInstance | None

@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from blake3 import blake3
 
 from archive.config import DuplicatePolicy, Settings
-from archive.dataset import InvalidDataset, ParsedInstance, dataset_offset, read_instance, wrap_raw_dataset
+from archive.dataset import InvalidDataset, ParsedInstance, read_instance, wrap_raw_dataset
 from archive.db import describe_db_url, make_engine, upgrade_schema
 from archive.index import CatalogIndex, ConcurrentInsert, IndexedInstance, IndexUnavailable, Source, StoredObject
 from archive.keys import object_key, parse_object_key, InvalidUID
@@ -105,12 +105,11 @@ class Checksums:
     size: int
 
 
-def part10_checksums(path: Path) -> Checksums:
+def part10_checksums(path: Path, offset: int) -> Checksums:
+    """Checksums of the Part 10 file at ``path`` whose dataset starts at ``offset``."""
     whole = blake3()
     dataset = blake3()
     with open(path, "rb") as f:
-        offset = dataset_offset(f)
-        f.seek(0)
         head = f.read(offset)
         whole.update(head)
         size = len(head)
@@ -200,7 +199,7 @@ class Archive:
         except InvalidDataset as exc:
             raise self._refuse(IngestFailure.INVALID_DATASET, str(exc), source) from None
         self._check_expected(parsed, expected, source)
-        sums = part10_checksums(path)
+        sums = part10_checksums(path, parsed.dataset_offset)
         key = object_key(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid)
         for attempt in range(3):
             try:
@@ -369,7 +368,7 @@ class Archive:
                 with self.store.open(key) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, _HASH_CHUNK)
                 parsed, _ = read_instance(tmp)
-                sums = part10_checksums(tmp)
+                sums = part10_checksums(tmp, parsed.dataset_offset)
                 if object_key(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid) != key:
                     log.warning("reindex: %s holds instance %s of another key; skipped", key, parsed.sop_instance_uid)
                     counts["skipped"] += 1

@@ -1,62 +1,106 @@
-"""Adaptive polling for pynetdicom's reactor threads: fast while data flows, quiet when idle.
+"""Event-driven waits for pynetdicom's reactor threads: fast when data flows, quiet when it does not.
 
-pynetdicom runs two polling loops per association: the DUL thread sleeps
-``_run_loop_delay`` (1 ms) whenever a turn found nothing to do, and the
-association reactor sleeps 1 ms every turn. With small instances that
-latency, not the work, bounds the receive rate. Shorter fixed sleeps burn CPU
-while associations sit idle.
+pynetdicom runs two polling loops per association. The DUL thread sleeps
+``_run_loop_delay`` (1 ms) whenever a turn found nothing to do; the
+association reactor sleeps 1 ms every turn before looking for a DIMSE
+message. Those sleeps, not the work, bound the receive rate; shorter sleeps
+make idle associations burn CPU, and worse, make the pollers fight the
+C-STORE handler for the GIL while it parses, hashes and commits.
 
-This module gives both loops one sleep policy, keyed on how long ago the
-association last received data (the DUL's idle timer, restarted on every
-received PDU):
+Here each of those two sleeps becomes a wait on the very thing the loop is
+about to look for, with a timeout:
 
-- data within the last ``BUSY_WINDOW`` seconds: sleep ``BUSY_SLEEP`` (50 µs);
-- otherwise, up to ``QUIET_AFTER`` seconds of silence: pynetdicom's nominal 1 ms;
-- after that: ``QUIET_SLEEP`` (10 ms), so idle associations cost almost nothing.
+- the DUL thread waits until its socket is readable or another thread hands
+  it a primitive to send (``send_pdu`` pokes a wake-up socket), at most
+  ``DUL_WAIT`` seconds;
+- the association reactor waits until a DIMSE message is queued for it, at
+  most ``REACTOR_WAIT`` seconds.
 
-It is installed by replacing the ``time`` module seen by ``pynetdicom.dul``
-and ``pynetdicom.association`` with a proxy whose ``sleep`` applies the
-policy for the calling reactor thread and passes any other call through.
+So a PDU or a response is handled the moment it exists, and an idle
+association wakes only a few dozen times a second (for its timers and for
+release/abort checks). Only the reactors' exact 1 ms sleeps are replaced;
+every other ``time.sleep`` in pynetdicom is left alone.
+
+``install()`` applies this by giving ``pynetdicom.dul`` and
+``pynetdicom.association`` a ``time`` module whose ``sleep`` dispatches on
+the calling thread, and by wrapping ``DULServiceProvider.send_pdu``.
 """
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time as _time
-from types import ModuleType
 from typing import Any
 
-BUSY_WINDOW = 0.2
-BUSY_SLEEP = 0.00005
-NOMINAL_SLEEP = 0.001
-QUIET_AFTER = 5.0
-QUIET_SLEEP = 0.01
+REACTOR_SLEEP = 0.001  # the sleep both pynetdicom loops use
+DUL_WAIT = 0.02
+REACTOR_WAIT = 0.005
+
+_WAKE_ATTR = "_telepacs_wake"
 
 
-def sleep_for_silence(silence: float | None, requested: float) -> float:
-    """The sleep for a reactor loop given seconds since data last arrived (None: unknown)."""
-    if requested > NOMINAL_SLEEP or silence is None:
-        # Not a reactor poll (e.g. a deliberate wait): leave it alone.
-        return requested
-    if silence < BUSY_WINDOW:
-        return BUSY_SLEEP
-    if silence < QUIET_AFTER:
-        return NOMINAL_SLEEP
-    return QUIET_SLEEP
+def _wake_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
+    """The DUL's wake-up socket pair (created on first use; closed when the DUL is collected)."""
+    pair = getattr(dul, _WAKE_ATTR, None)
+    if pair is None:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        pair = (reader, writer)
+        setattr(dul, _WAKE_ATTR, pair)
+    return pair  # type: ignore[no-any-return]
 
 
-def _silence_of_current_thread() -> float | None:
-    """Seconds since the current reactor thread's association last received a PDU."""
-    thread = threading.current_thread()
-    dul = getattr(thread, "dul", None) or thread  # Association thread, or the DUL thread itself
-    timer = getattr(dul, "_idle_timer", None)
-    start = getattr(timer, "_start_time", None)
-    if start is None:
-        return None
-    return _time.time() - start
+def wake_dul(dul: Any) -> None:
+    """Interrupt the DUL thread's wait (a primitive was queued for it to send)."""
+    pair = getattr(dul, _WAKE_ATTR, None)
+    if pair is not None:
+        try:
+            pair[1].send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already poked, or closing: the wait ends by itself
 
 
-class _AdaptiveTime:
+def dul_wait(dul: Any, timeout: float = DUL_WAIT) -> None:
+    """Wait until the DUL's socket is readable, a primitive is queued, or ``timeout``."""
+    if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+        return
+    reader, _ = _wake_pair(dul)
+    assoc_socket = getattr(dul, "socket", None)
+    sock = getattr(assoc_socket, "socket", None)
+    watched: list[Any] = [reader]
+    if sock is not None and sock.fileno() >= 0:
+        pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes select() cannot see
+        if pending is not None and pending():
+            return
+        watched.append(sock)
+    try:
+        ready, _, _ = select.select(watched, [], [], timeout)
+    except (OSError, ValueError):
+        return  # socket closed under us: let the loop notice
+    if reader in ready:
+        try:
+            while reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def reactor_wait(assoc: Any, timeout: float = REACTOR_WAIT) -> None:
+    """Wait until a DIMSE message is queued for the association reactor, or ``timeout``."""
+    dimse = getattr(assoc, "dimse", None)
+    queue = getattr(dimse, "msg_queue", None)
+    if queue is None:
+        _time.sleep(REACTOR_SLEEP)
+        return
+    with queue.not_empty:
+        if not queue._qsize():
+            queue.not_empty.wait(timeout)
+
+
+class _ReactorTime:
     """Stands in for the ``time`` module inside pynetdicom's reactor modules."""
 
     def __getattr__(self, name: str) -> Any:
@@ -64,22 +108,49 @@ class _AdaptiveTime:
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        _time.sleep(sleep_for_silence(_silence_of_current_thread(), seconds))
+        if seconds == REACTOR_SLEEP:
+            thread = threading.current_thread()
+            if _is_dul(thread):
+                dul_wait(thread)
+                return
+            if _is_association(thread):
+                reactor_wait(thread)
+                return
+        _time.sleep(seconds)
+
+
+def _is_dul(thread: threading.Thread) -> bool:
+    from pynetdicom.dul import DULServiceProvider
+
+    return isinstance(thread, DULServiceProvider)
+
+
+def _is_association(thread: threading.Thread) -> bool:
+    from pynetdicom.association import Association
+
+    return isinstance(thread, Association)
 
 
 _installed = False
 
 
 def install() -> None:
-    """Apply the adaptive policy to pynetdicom (idempotent)."""
+    """Apply the event-driven waits to pynetdicom (idempotent, process-wide)."""
     global _installed
     if _installed:
         return
     import pynetdicom.association
     import pynetdicom.dul
 
-    proxy = _AdaptiveTime()
-    modules: tuple[ModuleType, ...] = (pynetdicom.dul, pynetdicom.association)
-    for module in modules:
-        module.time = proxy  # type: ignore[attr-defined]
+    proxy = _ReactorTime()
+    pynetdicom.dul.time = proxy  # type: ignore[attr-defined]
+    pynetdicom.association.time = proxy  # type: ignore[attr-defined]
+
+    original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        original_send_pdu(self, primitive)
+        wake_dul(self)
+
+    pynetdicom.dul.DULServiceProvider.send_pdu = send_pdu  # type: ignore[method-assign]
     _installed = True

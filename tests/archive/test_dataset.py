@@ -123,3 +123,12 @@ def test_slice_position_along_normal():
     ds2.SliceLocation = "7.5"
     assert slice_position(ds2) == 7.5
     assert slice_position(Dataset()) is None
+
+
+@pytest.mark.parametrize("path", dicom_files(TS_DIR), ids=lambda p: p.name)
+def test_dataset_offset_is_where_the_file_meta_ends(path):
+    from archive.dataset import dataset_offset
+
+    parsed, _ = read_instance(path)
+    with open(path, "rb") as f:
+        assert parsed.dataset_offset == dataset_offset(f)
