@@ -16,6 +16,8 @@ about to look for, with a timeout:
 - the association reactor waits until a DIMSE message is queued for it, at
   most ``REACTOR_WAIT`` seconds.
 
+Both apply to associations we accepted (the node's side); see ``_accepted``.
+
 So a PDU or a response is handled the moment it exists, and an idle
 association wakes only a few dozen times a second (for its timers and for
 release/abort checks). Only the reactors' exact 1 ms sleeps are replaced;
@@ -98,6 +100,11 @@ def reactor_wait(assoc: Any, timeout: float = REACTOR_WAIT) -> None:
     with queue.not_empty:
         if not queue._qsize():
             queue.not_empty.wait(timeout)
+        if queue._qsize():
+            # put() notifies one waiter: if that was us, pass it on, since a
+            # thread blocked in queue.get() (a requestor awaiting its response)
+            # may be waiting for this very message.
+            queue.not_empty.notify()
 
 
 class _ReactorTime:
@@ -110,13 +117,25 @@ class _ReactorTime:
     def sleep(seconds: float) -> None:
         if seconds == REACTOR_SLEEP:
             thread = threading.current_thread()
-            if _is_dul(thread):
+            if _is_dul(thread) and _accepted(getattr(thread, "assoc", None)):
                 dul_wait(thread)
                 return
-            if _is_association(thread):
+            if _is_association(thread) and _accepted(thread):
                 reactor_wait(thread)
                 return
         _time.sleep(seconds)
+
+
+def _accepted(assoc: Any) -> bool:
+    """Only associations we accepted get the fast waits.
+
+    A requestor pauses its reactor around each operation it sends, and
+    pynetdicom's pause has a window in which a fast enough response is taken
+    by the reactor instead of the waiting sender ("unexpected message", then
+    a DIMSE timeout). Stock timing keeps that window closed; so requestors
+    (our outgoing associations) keep stock timing.
+    """
+    return bool(getattr(assoc, "is_acceptor", False))
 
 
 def _is_dul(thread: threading.Thread) -> bool:
