@@ -12,7 +12,7 @@ import math
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -139,9 +139,9 @@ def display_metadata(ds: Dataset) -> dict[str, Any]:
         if value is not None:
             meta[keyword] = value
     for keyword in _DISPLAY_INTS:
-        value = _int_or_none(ds, keyword)
-        if value is not None:
-            meta[keyword] = value
+        number = _int_or_none(ds, keyword)
+        if number is not None:
+            meta[keyword] = number
     for keyword in _DISPLAY_TEXT:
         text = _text(ds, keyword)
         if text:
@@ -170,7 +170,7 @@ def _check_complete(ds: Dataset, file_size: int, path: Path) -> None:
 
 def _items_tile(value: bytes, little_endian: bool) -> bool:
     """True when ``value`` is a whole sequence of (FFFE,E000) items, as encapsulated pixel data is."""
-    order = "little" if little_endian else "big"
+    order: Literal["little", "big"] = "little" if little_endian else "big"
     offset = 0
     while offset < len(value):
         if offset + 8 > len(value):

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from collections import OrderedDict
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -115,9 +115,9 @@ def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], 
 
 # Core statements on the tables (not the ORM): the per-instance path runs them
 # hundreds of times a second, where the ORM's bookkeeping costs more than the SQL.
-_INSTANCES = Instance.__table__
-_SERIES = Series.__table__
-_STUDIES = Study.__table__
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _FIND_INSTANCE = (
     select(_INSTANCES.c.sop_instance_uid, _STUDIES.c.study_uid, _SERIES.c.series_uid, _INSTANCES.c.object_key,
            _INSTANCES.c.size, _INSTANCES.c.checksum, _INSTANCES.c.dataset_checksum)

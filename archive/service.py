@@ -139,14 +139,18 @@ class Archive:
         settings.incoming_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True) -> Archive:
-        """Open storage and index named by the settings (creating the schema when ``migrate``)."""
+    def open(cls, settings: Settings, *, migrate: bool = True, drain_spool: bool = True) -> Archive:
+        """Open storage and index named by the settings (creating the schema when ``migrate``).
+
+        ``drain_spool=False`` leaves uploading a spool to object storage to
+        another process (``telepacs drain``, which ``telepacs serve`` starts).
+        """
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.db_url)
         if migrate:
             upgrade_schema(engine)
         index = CatalogIndex(engine)
-        store = open_store(settings.storage_url, spool_dir=settings.spool_dir)
+        store = open_store(settings.storage_url, spool_dir=settings.spool_dir, drain=drain_spool)
         archive = cls(settings, store, index)
         if settings.facilities:
             index.sync_facilities(dict(settings.facilities))
@@ -334,7 +338,7 @@ class Archive:
                     shutil.copyfileobj(stream, out, _HASH_CHUNK)
                 else:
                     try:
-                        wrap_raw_dataset(_Rewind(head, stream), out, source_ae=source.ae_title)
+                        wrap_raw_dataset(_Rewind(head, stream), out, source_ae=source.ae_title)  # type: ignore[arg-type]
                     except InvalidDataset as exc:
                         raise self._refuse(IngestFailure.INVALID_DATASET, f"{name}: {exc}", source) from None
                 out.flush()

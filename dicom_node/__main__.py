@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dicom_node")
     parser.add_argument("--config", help="TOML settings file")
     parser.add_argument("--reuse-port", action="store_true", help="share the port with sibling workers")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="leave uploading the S3 spool to a `telepacs drain` process")
     args = parser.parse_args(argv)
     settings = load_settings(args.config)
     setup_logging(settings.log_level)
-    archive = Archive.open(settings, migrate=False)
+    archive = Archive.open(settings, migrate=False, drain_spool=not args.no_drain)
     server = start_node(archive, reuse_port=args.reuse_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

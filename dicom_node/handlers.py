@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.status import Status
 
@@ -51,7 +53,7 @@ def handle_store(event: Event, archive: Archive) -> int:
     """C-STORE: the received dataset is already in a Part 10 file (chunked receive); ingest it."""
     ae_title, host = peer_of(event)
     source = Source("dicom", ae_title=ae_title, host=host, facility=archive.settings.facility_for(ae_title))
-    request = event.request
+    request = cast(C_STORE, event.request)
     expected = Expected(
         sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         sop_class_uid=str(request.AffectedSOPClassUID or ""),

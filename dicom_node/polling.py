@@ -162,8 +162,8 @@ def install() -> None:
     import pynetdicom.dul
 
     proxy = _ReactorTime()
-    pynetdicom.dul.time = proxy  # type: ignore[attr-defined]
-    pynetdicom.association.time = proxy  # type: ignore[attr-defined]
+    pynetdicom.dul.time = proxy  # type: ignore[assignment]
+    pynetdicom.association.time = proxy  # type: ignore[assignment]
 
     original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
 

@@ -32,7 +32,7 @@ class NodeServer(ThreadedAssociationServer):
     reuse_port = False
 
     def server_bind(self) -> None:
-        if self.reuse_port:
+        if self.reuse_port and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -75,7 +75,8 @@ def build_ae(archive: Archive) -> AE:
     ae.acse_timeout = 30
     ae.require_called_aet = True
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     return ae
 

@@ -52,7 +52,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -70,7 +70,6 @@ from tests.peers import (  # noqa: E402
     scan_sop_syntaxes,
     stop_process,
     storescu_config,
-    wait_until,
 )
 from tests.s3server import SeaweedS3, find_weed  # noqa: E402
 
@@ -353,7 +352,7 @@ class Receiver:
 
 
 class TelepacsReceiver(Receiver):
-    """``python -m dicom_node`` workers (``--reuse-port`` when more than one), configured by env vars."""
+    """``telepacs serve --no-web`` with N DICOM workers (``--reuse-port`` when more than one), configured by env vars."""
 
     family = "telepacs"
     aet = "TELEPACS"
@@ -407,21 +406,22 @@ class TelepacsReceiver(Receiver):
         )
         if init.returncode != 0:
             raise PeerError(f"telepacs init failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        for i in range(self.workers):
-            log_path = run_dir / f"dicom_node-{i}.log"
-            cmd = [sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if self.workers > 1 else [])
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    cmd,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=run_dir,
-                    start_new_session=True,
-                )
-            self.procs.append(proc)
-            self.logs.append(log_path)
+        # `telepacs serve --no-web`: the workers (SO_REUSEPORT when several) and, on S3,
+        # the spool uploader process, as an installation runs them.
+        env["TELEPACS_DICOM_WORKERS"] = str(self.workers)
+        log_path = run_dir / "telepacs-serve.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [telepacs_cli(), "serve", "--no-web"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=run_dir,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        self.logs.append(log_path)
         deadline = time.monotonic() + 60
         while _listening_sockets(self.port) < self.workers:
             for proc, log_path in zip(self.procs, self.logs):

@@ -45,7 +45,8 @@ def _flag(query: dict[str, list[str]], name: str, default: bool) -> bool:
     raise ValueError(f"storage URL option {name}={values[-1]!r} is not true/false")
 
 
-def open_store(url: str, *, spool_dir: Path | None = None) -> ObjectStore:
+def open_store(url: str, *, spool_dir: Path | None = None, drain: bool = True,
+               drain_idle_rescan: float | None = None) -> ObjectStore:
     """Open the object store that ``url`` names.
 
     ``file:///abs/path`` or a plain path gives a :class:`LocalObjectStore`.
@@ -53,7 +54,9 @@ def open_store(url: str, *, spool_dir: Path | None = None) -> ObjectStore:
     (credentials URL-decoded; query options ``secure`` (default true), ``region``,
     ``create_bucket`` (default true) and ``spool`` (default true)).  When ``spool``
     is true and ``spool_dir`` is given, the S3 store is wrapped in a
-    :class:`SpooledObjectStore` whose drainer is already started.
+    :class:`SpooledObjectStore`, whose drainer is started here unless ``drain``
+    is false (another process drains the spool; ``drain_idle_rescan`` is then how
+    often that process looks for new files).
 
     Raises ``ValueError`` for an unknown scheme or a malformed URL.
     """
@@ -102,8 +105,10 @@ def open_store(url: str, *, spool_dir: Path | None = None) -> ObjectStore:
             create_bucket=_flag(query, "create_bucket", True),
         )
         if _flag(query, "spool", True) and spool_dir is not None:
-            spooled = SpooledObjectStore(store, spool_dir)
-            spooled.start()
+            options = {} if drain_idle_rescan is None else {"idle_rescan": drain_idle_rescan}
+            spooled = SpooledObjectStore(store, spool_dir, **options)  # type: ignore[arg-type]
+            if drain:
+                spooled.start()
             return spooled
         return store
     raise ValueError(f"unknown storage URL scheme {parts.scheme!r} (expected file or s3)")

@@ -68,6 +68,7 @@ class SpooledObjectStore:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         health_interval: float = 2.0,
+        idle_rescan: float = _IDLE_RESCAN_SECONDS,
     ) -> None:
         self.remote = remote
         self.description = remote.description
@@ -77,10 +78,14 @@ class SpooledObjectStore:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.health_interval = health_interval
+        self.idle_rescan = idle_rescan
 
         self._tmp = self.spool_dir / "tmp"
         self._ready = self.spool_dir / "ready"
         self._lock_path = self.spool_dir / ".lock"
+        # Present while the drainer (in whichever process runs it) finds the remote
+        # down: writers in other processes refuse new objects as this one would.
+        self._down_marker = self.spool_dir / "remote-down"
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._ready.mkdir(parents=True, exist_ok=True)
@@ -142,8 +147,16 @@ class SpooledObjectStore:
 
     # -- health ------------------------------------------------------------------
     def remote_healthy(self) -> bool:
-        """False while the drainer's last contact with the remote failed."""
-        return self._remote_ok
+        """False while a drainer's last contact with the remote failed (this process's or another's)."""
+        return self._remote_ok and not self._down_marker.exists()
+
+    def _remote_error(self) -> str | None:
+        if not self._remote_ok:
+            return self._last_error
+        try:
+            return self._down_marker.read_text(errors="replace").strip() or "unreachable"
+        except FileNotFoundError:
+            return None
 
     def _mark_ok(self) -> None:
         if not self._remote_ok:
@@ -151,6 +164,7 @@ class SpooledObjectStore:
         self._remote_ok = True
         self._last_error = None
         self.last_success = time.time()
+        _unlink_quietly(self._down_marker)
 
     def _mark_failed(self, exc: BaseException) -> None:
         if self._remote_ok:
@@ -158,6 +172,12 @@ class SpooledObjectStore:
         self._remote_ok = False
         self._last_error = str(exc)
         self.last_failure = time.time()
+        try:
+            tmp = self._new_tmp()
+            tmp.write_text(str(exc))
+            os.replace(tmp, self._down_marker)
+        except OSError as marker_exc:
+            log.error("could not record the outage in %s: %s", self._down_marker, marker_exc)
 
     # -- backlog -----------------------------------------------------------------
     def _scan(self) -> list[tuple[float, int, Path]]:
@@ -196,10 +216,10 @@ class SpooledObjectStore:
 
     def _gate(self, key: str, size: int) -> None:
         """Refuse a write the archive could not honour."""
-        if not self._remote_ok and not self.accept_while_remote_down:
+        error = None if self.accept_while_remote_down else self._remote_error()
+        if error is not None:
             raise StorageError(
-                f"object storage {self.description} unreachable: {self._last_error}; "
-                f"not accepting {key}"
+                f"object storage {self.description} unreachable: {error}; not accepting {key}"
             )
         backlog = self._backlog()
         if backlog + size > self.max_backlog_bytes:
@@ -493,12 +513,20 @@ class SpooledObjectStore:
                 self._cond.notify_all()
                 if self._wakeups == seen and not self._stopping:
                     if self._remote_ok:
-                        self._cond.wait(_IDLE_RESCAN_SECONDS)
+                        self._cond.wait(self.idle_rescan)
                     else:  # keep probing every health_interval while down
                         self._cond.wait(max(next_probe - time.monotonic(), 0.05))
                 woken = self._wakeups != seen
-            if not woken and not self._stopping and self._remote_ok:
+            if not woken and not self._stopping and self._remote_ok and self._due_probe():
                 self._probe()
+
+    def _due_probe(self) -> bool:
+        """While idle, probe the remote's health at most every ``_IDLE_RESCAN_SECONDS``."""
+        now = time.monotonic()
+        if now - getattr(self, "_last_idle_probe", 0.0) < _IDLE_RESCAN_SECONDS:
+            return False
+        self._last_idle_probe = now
+        return True
 
     def _probe(self) -> bool:
         """Run ``remote.check()`` and record the outcome; True if healthy."""

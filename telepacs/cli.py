@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from archive.config import ConfigError, Settings, load_settings
 from archive.db import make_engine, upgrade_schema
 from archive.index import Source
 from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
+from storage import SpooledObjectStore, open_store
 from telepacs.logs import setup_logging
 
 log = logging.getLogger("telepacs")
@@ -46,8 +48,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env.setdefault("TELEPACS_DATA_DIR", str(settings.data_dir))
     workers = settings.dicom_workers
     procs: list[subprocess.Popen[bytes]] = []
+    spooled = _uses_spool(settings)
+    if spooled:
+        # One uploader for the spool, at a lower CPU priority than the receivers:
+        # a C-STORE is acknowledged once spooled; the upload can trail behind.
+        procs.append(subprocess.Popen([sys.executable, "-m", "telepacs.cli", "drain"], env=env))
     for _ in range(workers):
         cmd = [sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if workers > 1 else [])
+        cmd += ["--no-drain"] if spooled else []
         procs.append(subprocess.Popen(cmd, env=env))
     if not args.no_web:
         procs.append(subprocess.Popen(
@@ -89,6 +97,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return status
+
+
+def _uses_spool(settings: Settings) -> bool:
+    store = open_store(settings.storage_url, spool_dir=settings.spool_dir, drain=False)
+    try:
+        return isinstance(store, SpooledObjectStore)
+    finally:
+        store.close()
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Upload the receive spool to object storage until stopped (started by `serve`)."""
+    settings = _settings(args)
+    os.nice(args.nice)
+    store = open_store(settings.storage_url, spool_dir=settings.spool_dir, drain=True, drain_idle_rescan=0.25)
+    if not isinstance(store, SpooledObjectStore):
+        print("telepacs drain: the storage has no spool (file storage, or s3 with spool=false)", file=sys.stderr)
+        store.close()
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("draining spool %s to %s (%d waiting)", settings.spool_dir, store.description, store.pending_count())
+    stop.wait()
+    store.close()
+    return 0
 
 
 def _wait_listening(host: str, port: int, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
@@ -171,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-web", action="store_true", help="only the DICOM node")
     p.add_argument("--web-workers", type=int, default=2)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("drain", help="upload the receive spool to S3 until stopped (serve runs it)")
+    p.add_argument("--nice", type=int, default=10, help="lower CPU priority by this much")
+    p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("init", help="create or upgrade the index schema")
     p.set_defaults(func=cmd_init)

