@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import pydicom
+import pydicom.charset
+import pydicom.datadict
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from archive.keys import InvalidUID, validate_uid
@@ -72,46 +75,109 @@ def fold_name(name: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, pydicom.multival.MultiValue)):
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
+# VRs whose bytes follow Specific Character Set; the rest are ASCII (PS3.5 §6.1.2.3).
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+_BINARY_INT_VRS = {"US": 2, "SS": 2, "UL": 4, "SL": 4}
+_PN_DELIMITERS = {0x5E, 0x3D, 0x5C}  # ^ = and the value separator
+_TEXT_DELIMITERS = set(pydicom.charset.TEXT_VR_DELIMS) | {0x5C}
 
 
-def _int_or_none(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+class _Values:
+    """Reads attribute values straight from a freshly parsed dataset's raw elements.
+
+    Going through ``Dataset.__getattr__`` converts each element with
+    pydicom's full machinery (value validation, hooks, MultiValue objects);
+    for the ~40 attributes the index takes from every received instance
+    that was most of the cost of parsing. Plain text, numbers and names are
+    decoded here; anything else (already converted, deferred, unusual VR)
+    falls back to pydicom.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self._encodings: list[str] | None = None
+
+    def _charset(self) -> list[str]:
+        if self._encodings is None:
+            self._encodings = pydicom.charset.convert_encodings(self.ds.get("SpecificCharacterSet"))
+        return self._encodings
+
+    def _raw(self, keyword: str) -> tuple[str, RawDataElement, bytes] | None:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        elem = self.ds._dict.get(BaseTag(tag)) if tag is not None else None
+        if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+            return None
+        try:
+            vr = elem.VR or pydicom.datadict.dictionary_VR(elem.tag)
+        except KeyError:
+            return None
+        return vr, elem, elem.value
+
+    def text(self, keyword: str) -> str | None:
+        """The value as text (multiple values joined by backslash), or None when absent."""
+        found = self._raw(keyword)
+        if found is not None:
+            vr, elem, raw = found
+            if vr in _CHARSET_VRS:
+                delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
+                text = pydicom.charset.decode_bytes(raw, self._charset(), delimiters)
+                return "\\".join(v.strip(" \x00") for v in text.split("\\")).strip()
+            if vr in _ASCII_VRS:
+                text = raw.decode("ascii", "replace")
+                return "\\".join(v.strip(" \x00") for v in text.split("\\")).strip()
+            if vr in _BINARY_INT_VRS and len(raw) >= _BINARY_INT_VRS[vr]:
+                size = _BINARY_INT_VRS[vr]
+                order: Literal["little", "big"] = "little" if elem.is_little_endian else "big"
+                numbers = [int.from_bytes(raw[i * size:(i + 1) * size], order, signed=vr[0] == "S")
+                           for i in range(len(raw) // size)]
+                return "\\".join(str(n) for n in numbers)
+        value = self.ds.get(keyword)
+        if value is None:
+            return None
+        if isinstance(value, (list, pydicom.multival.MultiValue)):
+            return "\\".join(str(v) for v in value)
+        return str(value).strip()
+
+
+def _text(values: _Values, keyword: str, limit: int = 256) -> str:
+    return (values.text(keyword) or "")[:limit]
+
+
+def _int_or_none(values: _Values, keyword: str) -> int | None:
+    text = values.text(keyword)
+    if not text:
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+        return int(text.split("\\")[0])
+    except ValueError:
+        try:
+            return int(float(text.split("\\")[0]))
+        except ValueError:
+            return None
 
 
-def _floats(ds: Dataset, keyword: str) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+def _floats(values: _Values, keyword: str) -> list[float] | None:
+    text = values.text(keyword)
+    if not text:
         return None
     try:
-        items = list(value) if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
-        floats = [float(v) for v in items]
-    except (TypeError, ValueError):
+        floats = [float(v) for v in text.split("\\")]
+    except ValueError:
         return None
     return floats if all(math.isfinite(v) for v in floats) else None
 
 
-def slice_position(ds: Dataset) -> float | None:
+def slice_position(ds: Dataset | _Values) -> float | None:
     """Position of the slice along the normal of its plane (PS3.3 C.7.6.2), else SliceLocation."""
-    position = _floats(ds, "ImagePositionPatient")
-    orientation = _floats(ds, "ImageOrientationPatient")
+    values = ds if isinstance(ds, _Values) else _Values(ds)
+    position = _floats(values, "ImagePositionPatient")
+    orientation = _floats(values, "ImageOrientationPatient")
     if position and orientation and len(position) == 3 and len(orientation) == 6:
         r, c = orientation[:3], orientation[3:]
         normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
         return sum(p * n for p, n in zip(position, normal))
-    location = _floats(ds, "SliceLocation")
+    location = _floats(values, "SliceLocation")
     return location[0] if location else None
 
 
@@ -131,19 +197,20 @@ _DISPLAY_INTS = ("BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesP
 _DISPLAY_TEXT = ("PhotometricInterpretation", "RescaleType", "WindowCenterWidthExplanation", "ImageType")
 
 
-def display_metadata(ds: Dataset) -> dict[str, Any]:
+def display_metadata(ds: Dataset | _Values) -> dict[str, Any]:
     """What a viewer needs to place and window an image without opening the file."""
+    values = ds if isinstance(ds, _Values) else _Values(ds)
     meta: dict[str, Any] = {}
     for keyword in _DISPLAY_FLOATS:
-        value = _floats(ds, keyword)
+        value = _floats(values, keyword)
         if value is not None:
             meta[keyword] = value
     for keyword in _DISPLAY_INTS:
-        number = _int_or_none(ds, keyword)
+        number = _int_or_none(values, keyword)
         if number is not None:
             meta[keyword] = number
     for keyword in _DISPLAY_TEXT:
-        text = _text(ds, keyword)
+        text = _text(values, keyword)
         if text:
             meta[keyword] = text
     return meta
@@ -222,34 +289,35 @@ def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
 
 
 def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: str, offset: int) -> ParsedInstance:
-    frames = _int_or_none(ds, "NumberOfFrames")
+    values = _Values(ds)
+    frames = _int_or_none(values, "NumberOfFrames")
     return ParsedInstance(
         sop_instance_uid=sop,
         sop_class_uid=sop_class,
         study_uid=study,
         series_uid=series,
         transfer_syntax_uid=ts,
-        patient_id=_text(ds, "PatientID", 64),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        patient_birth_date=_text(ds, "PatientBirthDate", 8),
-        patient_sex=_text(ds, "PatientSex", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 16),
-        accession_number=_text(ds, "AccessionNumber", 64),
-        study_description=_text(ds, "StudyDescription", 256),
-        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
-        study_id=_text(ds, "StudyID", 16),
-        modality=_text(ds, "Modality", 16),
-        series_number=_int_or_none(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 256),
-        body_part_examined=_text(ds, "BodyPartExamined", 64),
-        instance_number=_int_or_none(ds, "InstanceNumber"),
+        patient_id=_text(values, "PatientID", 64),
+        issuer_of_patient_id=_text(values, "IssuerOfPatientID", 64),
+        patient_name=_text(values, "PatientName", 324),
+        patient_birth_date=_text(values, "PatientBirthDate", 8),
+        patient_sex=_text(values, "PatientSex", 16),
+        study_date=_text(values, "StudyDate", 8),
+        study_time=_text(values, "StudyTime", 16),
+        accession_number=_text(values, "AccessionNumber", 64),
+        study_description=_text(values, "StudyDescription", 256),
+        referring_physician_name=_text(values, "ReferringPhysicianName", 324),
+        study_id=_text(values, "StudyID", 16),
+        modality=_text(values, "Modality", 16),
+        series_number=_int_or_none(values, "SeriesNumber"),
+        series_description=_text(values, "SeriesDescription", 256),
+        body_part_examined=_text(values, "BodyPartExamined", 64),
+        instance_number=_int_or_none(values, "InstanceNumber"),
         number_of_frames=frames if frames and frames > 0 else 1,
-        rows=_int_or_none(ds, "Rows"),
-        columns=_int_or_none(ds, "Columns"),
-        slice_position=slice_position(ds),
-        display=display_metadata(ds),
+        rows=_int_or_none(values, "Rows"),
+        columns=_int_or_none(values, "Columns"),
+        slice_position=slice_position(values),
+        display=display_metadata(values),
         dataset_offset=offset,
     )
 

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from archive.dataset import InvalidDataset, fold_name, read_instance, slice_position, wrap_raw_dataset
-from helpers import CT_RAW_DIR, TS_DIR, dicom_files
+from helpers import CT_RAW_DIR, FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files
 
 
 @pytest.mark.parametrize(
@@ -132,3 +132,32 @@ def test_dataset_offset_is_where_the_file_meta_ends(path):
     parsed, _ = read_instance(path)
     with open(path, "rb") as f:
         assert parsed.dataset_offset == dataset_offset(f)
+
+
+@pytest.mark.parametrize("path", dicom_files(TS_DIR) + dicom_files(MR_STUDY_DIR)[:3] + dicom_files(FMRI_DIR)[:2],
+                         ids=lambda p: p.name)
+def test_raw_decoding_agrees_with_pydicom(path):
+    """The fast raw-element reader gives what pydicom's own conversion gives."""
+    from archive.dataset import _Values
+
+    parsed, _ = read_instance(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword, value in [("patient_name", "PatientName"), ("patient_id", "PatientID"), ("modality", "Modality"),
+                           ("study_date", "StudyDate"), ("series_description", "SeriesDescription")]:
+        assert getattr(parsed, keyword) == str(ds.get(value, "")).strip()
+    assert parsed.rows == ds.Rows and parsed.columns == ds.Columns
+    assert parsed.instance_number == (int(ds.InstanceNumber) if "InstanceNumber" in ds else None)
+    assert parsed.display.get("PixelSpacing") == ([float(v) for v in ds.PixelSpacing] if "PixelSpacing" in ds else None)
+    assert parsed.display.get("BitsStored") == ds.get("BitsStored")
+    values = _Values(pydicom.dcmread(path, stop_before_pixels=True))
+    assert values.text("ImageType") == "\\".join(ds.ImageType)
+
+
+def test_raw_decoding_of_vietnamese_and_latin1_names(tmp_path):
+    for charset, name in [("ISO_IR 192", "Trần^Thị Hồng Đào"), ("ISO_IR 100", "Müller^Jürgen")]:
+        ds = _minimal(SpecificCharacterSet=charset, PatientName=name, ReferringPhysicianName=name,
+                      StudyDescription="Chụp CT sọ não" if charset == "ISO_IR 192" else "Schädel")
+        parsed, _ = read_instance(_write(ds, tmp_path / "a.dcm"))
+        assert parsed.patient_name == name
+        assert parsed.referring_physician_name == name
+        assert parsed.study_description == ds.StudyDescription
