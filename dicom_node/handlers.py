@@ -8,14 +8,27 @@ parsing here: that is the archive's job.
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
-from typing import cast
+from typing import Any, Iterator, cast
 
-from pynetdicom.dimse_primitives import C_STORE
+from pydicom.dataelem import DataElement
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from pynetdicom.status import Status
 
 from archive.index import Source
+from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey, parse_level
+from archive.query import find
 from archive.service import Archive, Expected, IngestError, IngestFailure
 
 log = logging.getLogger(__name__)
@@ -26,6 +39,9 @@ Status.add("DATASET_DOES_NOT_MATCH_SOP_CLASS", 0xA900)  # Error: Data Set does n
 Status.add("CANNOT_UNDERSTAND", 0xC000)  # Error: Cannot understand
 Status.add("DUPLICATE_SOP_INSTANCE", 0x0111)  # Failure: Duplicate SOP Instance (PS3.7 C.4.2.1.4)
 Status.add("PROCESSING_FAILURE", 0x0110)  # Failure: Processing failure (PS3.7 C.4.2.1.4)
+# Query/Retrieve - FIND (PS3.4 C.4.1.1.4, Table C.4-1).
+Status.add("IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS", 0xA900)  # Failure: Identifier does not match SOP Class
+Status.add("UNABLE_TO_PROCESS", 0xC000)  # Failure: Unable to process (0xC000-0xCFFF)
 
 _STORE_STATUS_FOR_FAILURE: dict[IngestFailure, int] = {
     IngestFailure.INVALID_DATASET: Status.CANNOT_UNDERSTAND,  # type: ignore[attr-defined]
@@ -109,3 +125,163 @@ def discard_partial_dataset(event: Event) -> None:
         return
     ae_title, host = peer_of(event)
     log.warning("discarded the incomplete dataset of an interrupted C-STORE from %s@%s", ae_title, host)
+
+
+# -- C-FIND ----------------------------------------------------------------------
+
+# The levels each information model has (PS3.4 C.3.1, C.3.2): Study Root has no PATIENT level.
+_FIND_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+    str(PatientRootQueryRetrieveInformationModelFind): ("Patient Root", frozenset(Level)),
+    str(StudyRootQueryRetrieveInformationModelFind): (
+        "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
+}
+# Identifier elements that steer the query rather than match (PS3.4 C.4.1.1.3, C.4.1.2.1).
+_CONTROL_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
+# What a malformed identifier raises when pydicom decodes its elements lazily.
+_DECODE_ERRORS = (InvalidDicomError, BytesLengthException, ValueError, TypeError, KeyError, IndexError, EOFError,
+                  struct.error, NotImplementedError)
+
+
+class FindRefused(Exception):
+    """A C-FIND request we answer with a failure status (and a log line)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _as_text(value: Any) -> str:
+    """An identifier element's value as a matching string (multiple values backslash-joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _read_identifier(event: Event) -> tuple[Level, str, Dataset, list[MatchKey]]:
+    """(level, model name, identifier, keys) of a C-FIND request, or :class:`FindRefused`."""
+    request = cast(C_FIND, event.request)
+    model = _FIND_LEVELS.get(str(request.AffectedSOPClassUID or ""))
+    if model is None:  # not negotiated in build_ae, so not expected here
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
+                          f"unsupported information model {request.AffectedSOPClassUID}")
+    model_name, levels = model
+    try:
+        identifier = event.identifier
+        elements = [elem for elem in identifier if not elem.tag.is_private and elem.keyword]
+        values = {elem.keyword: ("" if elem.VR == "SQ" else _as_text(elem.value)) for elem in elements}
+    except _DECODE_ERRORS as exc:
+        raise FindRefused(int(Status.UNABLE_TO_PROCESS),  # type: ignore[attr-defined]
+                          f"the identifier cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if not values.get("QueryRetrieveLevel", "").strip():
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
+                          "the identifier has no QueryRetrieveLevel")
+    try:
+        level = parse_level(values["QueryRetrieveLevel"].strip())
+    except InvalidValue as exc:
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
+                          str(exc)) from exc
+    if level not in levels:
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
+                          f"the {model_name} information model has no {level.value} level")
+    # PatientName is always matched case- and diacritic-insensitively (see handle_find).
+    keys = [MatchKey(keyword, value, fuzzy=True if keyword == "PatientName" else None)
+            for keyword, value in values.items() if keyword not in _CONTROL_KEYS]
+    return level, model_name, identifier, keys
+
+
+def _encodable(texts: list[str], charset: Any) -> bool:
+    """Whether the query's single-byte character set can encode ``texts`` without replacement characters.
+
+    Code-extension sets (several values, ISO 2022) are trusted to pydicom.
+    """
+    if isinstance(charset, (MultiValue, list)) and len(charset) != 1:
+        return True
+    term = str(charset[0] if isinstance(charset, (MultiValue, list)) else charset).strip()
+    codec = python_encoding.get(term)
+    if codec is None:
+        return True
+    try:
+        for text in texts:
+            text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _response(identifier: Dataset, level: Level, row: dict[str, str | int], retrieve_ae: str) -> Dataset:
+    """A pending response's identifier: every key asked for, filled from ``row`` or empty."""
+    rsp = Dataset()
+    charset = identifier.get("SpecificCharacterSet")
+    for elem in identifier:
+        if elem.tag.is_private or not elem.keyword or elem.keyword in _CONTROL_KEYS:
+            continue
+        if elem.VR == "SQ":
+            rsp.add(DataElement(elem.tag, "SQ", Sequence()))
+            continue
+        value = row.get(elem.keyword, "")
+        if elem.keyword == "RetrieveAETitle":
+            value = retrieve_ae
+        elif elem.keyword == "InstanceAvailability":
+            value = "ONLINE"
+        rsp.add(DataElement(elem.tag, elem.VR, value))
+    rsp.QueryRetrieveLevel = level.value
+    texts = [v for v in row.values() if isinstance(v, str) and not v.isascii()]
+    if charset is not None and _encodable(texts, charset):
+        rsp.SpecificCharacterSet = charset
+    elif texts:
+        rsp.SpecificCharacterSet = "ISO_IR 192"
+    elif charset is not None:
+        rsp.SpecificCharacterSet = charset
+    rsp.RetrieveAETitle = retrieve_ae
+    return rsp
+
+
+def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND (Patient Root and Study Root, PATIENT to IMAGE level): one pending response per match.
+
+    Matches are read from :func:`archive.query.find` as they stream from the
+    index; a C-CANCEL is checked before each pending response. PatientName is
+    always matched with the folded name (case- and diacritic-insensitive:
+    ``nguyen*`` finds ``Nguyễn^Văn A``), whether or not the peer negotiated
+    fuzzy semantic matching of person names: Vietnamese names arrive in many
+    spellings. Responses carry the query's SpecificCharacterSet; ISO_IR 192
+    (UTF-8) instead when the query had none and a value is not ASCII, or when
+    a value cannot be written in the query's single-byte set (``Nguyễn`` in
+    ISO_IR 100 would otherwise go out as ``Nguy?n``).
+
+    Failures (PS3.4 C.4.1.1.4): 0xA900 for an identifier the information
+    model cannot answer (no or an unknown QueryRetrieveLevel, a level the
+    model lacks, a value on a key we cannot match, a malformed value);
+    0xC000 for an identifier that cannot be decoded.
+    """
+    ae_title, host = peer_of(event)
+    try:
+        level, model_name, identifier, keys = _read_identifier(event)
+        rows = find(archive.index, level, keys)
+    except FindRefused as exc:
+        log.warning("C-FIND from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
+        yield exc.status, None
+        return
+    except (UnsupportedKey, InvalidValue) as exc:
+        log.warning("C-FIND from %s@%s refused (0xA900): %s", ae_title, host, exc)
+        yield int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), None  # type: ignore[attr-defined]
+        return
+    retrieve_ae = archive.settings.ae_title
+    matches = 0
+    try:
+        for row in rows:
+            if event.is_cancelled:
+                log.info("C-FIND %s %s from %s@%s cancelled after %d matches",
+                         model_name, level.value, ae_title, host, matches)
+                yield int(Status.CANCEL), None  # 0xFE00
+                return
+            matches += 1
+            # 0xFF00 Pending: matches are continuing, current match supplied.
+            yield int(Status.PENDING), _response(identifier, level, row, retrieve_ae)
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    log.info("C-FIND %s %s from %s@%s: %d matches", model_name, level.value, ae_title, host, matches)

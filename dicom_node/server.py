@@ -15,7 +15,11 @@ import threading
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive.service import Archive
@@ -78,6 +82,8 @@ def build_ae(archive: Archive) -> AE:
         if context.abstract_syntax is not None:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for find_model in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind):
+        ae.add_supported_context(find_model, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -89,6 +95,7 @@ def event_handlers(archive: Archive) -> list[Any]:
         (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [archive]),
         (evt.EVT_C_ECHO, handlers.handle_echo, [archive]),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_C_FIND, handlers.handle_find, [archive]),
     ]
 
 

@@ -50,6 +50,9 @@ __all__ = [
     "ORTHANC_PLUGIN_DIR",
 ]
 
+# Captured at import, before anything changes tempfile.tempdir.
+SYSTEM_TMP = os.environ.get("TMPDIR") or "/tmp"
+
 DCMTK_BIN = Path(os.environ.get("TELEPACS_DCMTK_BIN", "/usr/bin"))
 ORTHANC_BIN = Path(os.environ.get("TELEPACS_ORTHANC_BIN", "/usr/sbin/Orthanc"))
 ORTHANC_PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
@@ -221,7 +224,10 @@ class PostgresServer(_Server):
         start_timeout: float = 60.0,
     ) -> None:
         self._own_dir = data_dir is None
-        self.base_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="telepacs-pg-"))
+        # The system temp dir, not tempfile.tempdir: a DICOM node running in this process
+        # points that at its own incoming dir, which the postgres user cannot enter.
+        self.base_dir = (Path(data_dir) if data_dir is not None
+                         else Path(tempfile.mkdtemp(prefix="telepacs-pg-", dir=SYSTEM_TMP)))
         self.data_dir = self.base_dir / "pgdata"
         self.log_path = self.base_dir / "postgres.log"
         self.host = LOOPBACK

@@ -1,0 +1,220 @@
+"""Hierarchical queries over the index: matching keys in, result rows out, streamed.
+
+The one place C-FIND (``dicom_node.handlers.handle_find``) and, later, QIDO-RS
+look things up. A protocol adapter turns its request into :class:`MatchKey`
+objects and a :class:`Level`; :func:`find` checks them (raising
+:class:`UnsupportedKey` or :class:`InvalidValue` before any row is read),
+then streams the matching rows in batches, each as a mapping of the
+requested keywords to their values at the query level and above.
+
+Which keys are accepted:
+
+* the matching keys of :data:`archive.matching.ATTRIBUTES` at the query level
+  or above, with any value (PS3.4 C.2.2.2);
+* the computed return keys (:data:`COMPUTED`: ModalitiesInStudy is matchable,
+  the ``NumberOf…Related…`` counts are return keys only) with an empty value;
+* keys below the query level, and unknown keywords, with an empty value: they
+  match everything and are left out of the result (the adapter returns them
+  empty);
+* anything else with a value raises :class:`UnsupportedKey`.
+
+References
+----------
+DICOM PS3.4 C.2.2.2 "Attribute Matching", C.3 "Standard Query/Retrieve
+Information Models", C.6.1.1 and C.6.2.1 (the keys of the Patient Root and
+Study Root models).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import joinedload
+
+from archive.index import CatalogIndex
+from archive.matching import (
+    ATTRIBUTES,
+    InvalidValue,
+    Level,
+    MatchKey,
+    UnsupportedKey,
+    build_query,
+    parse_level,
+)
+from archive.models import Instance, Patient, Series, Study
+
+BATCH = 200  # rows fetched from the database at a time
+
+Row = dict[str, str | int]
+
+
+def _text(value: Any) -> str | int:
+    return "" if value is None else value
+
+
+# How each keyword's value is read from a row of its level (the row's own
+# entity, or one reached by the many-to-one links upwards).
+_PATIENT_VALUES: dict[str, Callable[[Patient], str | int]] = {
+    "PatientName": lambda p: p.patient_name,
+    "PatientID": lambda p: p.patient_id,
+    "PatientBirthDate": lambda p: p.birth_date,
+    "PatientSex": lambda p: p.sex,
+}
+_STUDY_VALUES: dict[str, Callable[[Study], str | int]] = {
+    "StudyInstanceUID": lambda s: s.study_uid,
+    "StudyDate": lambda s: s.study_date,
+    "StudyTime": lambda s: s.study_time,
+    "AccessionNumber": lambda s: s.accession_number,
+    "StudyDescription": lambda s: s.study_description,
+    "ReferringPhysicianName": lambda s: s.referring_physician_name,
+    "StudyID": lambda s: s.study_id,
+    "ModalitiesInStudy": lambda s: s.modalities_in_study,
+    "NumberOfStudyRelatedSeries": lambda s: s.num_series,
+    "NumberOfStudyRelatedInstances": lambda s: s.num_instances,
+}
+_SERIES_VALUES: dict[str, Callable[[Series], str | int]] = {
+    "SeriesInstanceUID": lambda s: s.series_uid,
+    "Modality": lambda s: s.modality,
+    "SeriesNumber": lambda s: _text(s.series_number),
+    "SeriesDescription": lambda s: s.series_description,
+    "BodyPartExamined": lambda s: s.body_part_examined,
+    "NumberOfSeriesRelatedInstances": lambda s: s.num_instances,
+}
+_INSTANCE_VALUES: dict[str, Callable[[Instance], str | int]] = {
+    "SOPInstanceUID": lambda i: i.sop_instance_uid,
+    "SOPClassUID": lambda i: i.sop_class_uid,
+    "InstanceNumber": lambda i: _text(i.instance_number),
+}
+
+# Return keys computed from the index rather than matched on a column (PS3.4 C.3.4).
+COMPUTED: dict[str, Level] = {
+    "NumberOfPatientRelatedStudies": Level.PATIENT,
+    "NumberOfStudyRelatedSeries": Level.STUDY,
+    "NumberOfStudyRelatedInstances": Level.STUDY,
+    "NumberOfSeriesRelatedInstances": Level.SERIES,
+}
+
+# Every keyword find() can return, with its level.
+RETURN_KEYS: dict[str, Level] = {
+    **{k: Level.PATIENT for k in _PATIENT_VALUES},
+    **{k: Level.STUDY for k in _STUDY_VALUES},
+    **{k: Level.SERIES for k in _SERIES_VALUES},
+    **{k: Level.IMAGE for k in _INSTANCE_VALUES},
+    **COMPUTED,
+}
+
+
+def _sort_keys(level: Level, keys: Sequence[MatchKey]) -> tuple[list[MatchKey], list[str]]:
+    """(keys to match on, keywords to return); :class:`UnsupportedKey` for a value we cannot match."""
+    matching: list[MatchKey] = []
+    returned: list[str] = []
+    for key in keys:
+        value = key.value.strip(" \0")
+        key_level = RETURN_KEYS.get(key.keyword)
+        attribute = ATTRIBUTES.get(key.keyword)
+        if key_level is None or key_level.depth > level.depth:
+            if value:
+                if key_level is None:
+                    raise UnsupportedKey(key.keyword)
+                raise UnsupportedKey(key.keyword, f"is a {key_level.value}-level key; "
+                                                  f"it cannot be matched in a {level.value}-level query")
+            continue
+        if attribute is None:
+            if value:
+                raise UnsupportedKey(key.keyword, "is a return key only; it cannot be matched")
+        else:
+            matching.append(key)
+        returned.append(key.keyword)
+    return matching, returned
+
+
+def _row_values(entity: Any, level: Level, wanted: list[str],
+                patient_studies: Callable[[int], int]) -> Row:
+    """The wanted keywords' values from one result row of ``level``."""
+    instance = entity if level is Level.IMAGE else None
+    series = instance.series if instance is not None else (entity if level is Level.SERIES else None)
+    study = series.study if series is not None else (entity if level is Level.STUDY else None)
+    patient = study.patient if study is not None else entity
+    row: Row = {}
+    for keyword in wanted:
+        if keyword in _PATIENT_VALUES:
+            row[keyword] = _PATIENT_VALUES[keyword](patient)
+        elif keyword in _STUDY_VALUES and study is not None:
+            row[keyword] = _STUDY_VALUES[keyword](study)
+        elif keyword in _SERIES_VALUES and series is not None:
+            row[keyword] = _SERIES_VALUES[keyword](series)
+        elif keyword in _INSTANCE_VALUES and instance is not None:
+            row[keyword] = _INSTANCE_VALUES[keyword](instance)
+        elif keyword == "NumberOfPatientRelatedStudies":
+            row[keyword] = patient_studies(patient.id)
+    return row
+
+
+def _with_parents(stmt: Any, level: Level) -> Any:
+    """Load the rows above ``level`` with the result rows (many-to-one joins, one query)."""
+    if level is Level.IMAGE:
+        return stmt.options(joinedload(Instance.series, innerjoin=True)
+                            .joinedload(Series.study, innerjoin=True)
+                            .joinedload(Study.patient, innerjoin=True))
+    if level is Level.SERIES:
+        return stmt.options(joinedload(Series.study, innerjoin=True).joinedload(Study.patient, innerjoin=True))
+    if level is Level.STUDY:
+        return stmt.options(joinedload(Study.patient, innerjoin=True))
+    return stmt
+
+
+def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
+         fuzzy: bool = False) -> Iterator[Row]:
+    """The rows of ``level`` matching every key, streamed, as {keyword: value} of the requested keys.
+
+    Parameters
+    ----------
+    index
+        The catalogue to query.
+    level
+        PATIENT, STUDY, SERIES or IMAGE.
+    keys
+        Matching and return keys (an empty value: universal matching, a pure
+        return key). Only keys at ``level`` and above are returned.
+    fuzzy
+        Case- and diacritic-insensitive matching of PatientName (see
+        :func:`archive.matching.person_name_match`); a key's own ``fuzzy`` wins.
+
+    Raises
+    ------
+    UnsupportedKey
+        A key with a value that cannot be matched (unknown, below the level,
+        or a return key only). Raised by this call, before any row is read.
+    InvalidValue
+        A malformed level or value. Raised by this call as well.
+
+    Notes
+    -----
+    Rows are read ``BATCH`` at a time (``yield_per``), never all at once; the
+    database session stays open until the iterator is exhausted or closed.
+    Values are as indexed: DICOM strings for dates and times, ``int`` for
+    numbers and counts, ``""`` for an unknown number.
+    """
+    level = parse_level(level)
+    matching, returned = _sort_keys(level, keys)
+    stmt = _with_parents(build_query(level, matching, fuzzy=fuzzy), level)
+    return _stream(index, level, stmt.execution_options(yield_per=BATCH), returned)
+
+
+def _stream(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> Iterator[Row]:
+    with index.session() as session:
+        counts: dict[int, int] = {}
+
+        def patient_studies(patient_id: int) -> int:
+            if patient_id not in counts:
+                counts[patient_id] = session.scalar(
+                    select(func.count(Study.id)).where(Study.patient_fk == patient_id)) or 0
+            return counts[patient_id]
+
+        for entity in session.execute(stmt).scalars():
+            yield _row_values(entity, level, returned, patient_studies)
+
+
+__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "UnsupportedKey",
+           "find"]
