@@ -16,6 +16,9 @@ Example::
     [dicom.facilities]               # calling AE title -> facility code
     CT_HUYEN_A = "BV-HUYEN-A"
 
+    [dicom.destinations]             # C-MOVE destination AE title -> "host:port"
+    WORKSTATION = "10.0.0.7:104"
+
     [http]
     host = "127.0.0.1"
     port = 8042
@@ -76,6 +79,7 @@ class Settings:
     storage_url: str = ""
     allowed_callers: tuple[AllowedCaller, ...] = ()
     facilities: Mapping[str, str] = field(default_factory=dict)
+    move_destinations: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_NEWER
     log_level: str = "INFO"
 
@@ -157,6 +161,30 @@ def _parse_facilities(value: object) -> dict[str, str]:
     return {str(k).strip(): str(v) for k, v in value.items()}
 
 
+def _destination(ae: object, address: object) -> tuple[str, tuple[str, int]]:
+    title = _ae_title("move destination AE title", ae)
+    host, sep, port = str(address).strip().rpartition(":")
+    if not sep or not host.strip():
+        raise ConfigError(f"move destination {title} must be host:port, not {address!r}")
+    number = _port(f"move destination {title} port", port.strip())
+    if number == 0:
+        raise ConfigError(f"move destination {title} needs a port other than 0")
+    return title, (host.strip().strip("[]"), number)
+
+
+def _parse_destinations(value: object) -> dict[str, tuple[str, int]]:
+    """From TOML (table of AE = "host:port") or env (``AE=host:port,AE2=host:port``)."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ConfigError(
+                f"TELEPACS_MOVE_DESTINATIONS must look like AE=host:port,AE2=host:port, not {value!r}")
+        return dict(_destination(ae, address) for ae, address in pairs)
+    if not isinstance(value, dict):
+        raise ConfigError(f"dicom.destinations must be a table of AE = \"host:port\", not {value!r}")
+    return dict(_destination(ae, address) for ae, address in value.items())
+
+
 def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Map the TOML layout onto flat setting names."""
     flat: dict[str, Any] = {}
@@ -166,7 +194,8 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
         flat["log_level"] = doc["log_level"]
     sections = {
         "dicom": {"ae_title": "ae_title", "host": "dicom_host", "port": "dicom_port", "workers": "dicom_workers",
-                  "allowed_callers": "allowed_callers", "facilities": "facilities"},
+                  "allowed_callers": "allowed_callers", "facilities": "facilities",
+                  "destinations": "move_destinations"},
         "http": {"host": "http_host", "port": "http_port"},
         "index": {"url": "db_url"},
         "storage": {"url": "storage_url"},
@@ -195,6 +224,7 @@ _ENV_NAMES = {
     "STORAGE_URL": "storage_url",
     "ALLOWED_CALLERS": "allowed_callers",
     "FACILITIES": "facilities",
+    "MOVE_DESTINATIONS": "move_destinations",
     "DUPLICATE_POLICY": "duplicate_policy",
     "LOG_LEVEL": "log_level",
 }
@@ -249,6 +279,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),
         allowed_callers=_parse_callers(raw.get("allowed_callers", [])),
         facilities=_parse_facilities(raw.get("facilities", {})),
+        move_destinations=_parse_destinations(raw.get("move_destinations", {})),
         duplicate_policy=policy,
         log_level=str(raw.get("log_level", "INFO")).upper(),
     )

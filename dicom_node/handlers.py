@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, cast
 
+import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from pynetdicom.status import Status
 
@@ -30,6 +38,7 @@ from archive.index import Source
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey, parse_level
 from archive.query import find
 from archive.service import Archive, Expected, IngestError, IngestFailure
+from storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,9 @@ Status.add("PROCESSING_FAILURE", 0x0110)  # Failure: Processing failure (PS3.7 C
 # Query/Retrieve - FIND (PS3.4 C.4.1.1.4, Table C.4-1).
 Status.add("IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS", 0xA900)  # Failure: Identifier does not match SOP Class
 Status.add("UNABLE_TO_PROCESS", 0xC000)  # Failure: Unable to process (0xC000-0xCFFF)
+# Query/Retrieve - MOVE and GET (PS3.4 C.4.2.1.5, C.4.3.1.4): 0xA900 and 0xC000 as for FIND;
+# pynetdicom itself sends 0xA801 (Move Destination unknown, Status.MOVE_DESTINATION_UNKNOWN),
+# 0xA702 (all sub-operations failed) and 0xB000 (some failed, with FailedSOPInstanceUIDList).
 
 _STORE_STATUS_FOR_FAILURE: dict[IngestFailure, int] = {
     IngestFailure.INVALID_DATASET: Status.CANNOT_UNDERSTAND,  # type: ignore[attr-defined]
@@ -159,10 +171,11 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _read_identifier(event: Event) -> tuple[Level, str, Dataset, list[MatchKey]]:
-    """(level, model name, identifier, keys) of a C-FIND request, or :class:`FindRefused`."""
-    request = cast(C_FIND, event.request)
-    model = _FIND_LEVELS.get(str(request.AffectedSOPClassUID or ""))
+def _read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]]] | None = None,
+                     ) -> tuple[Level, str, Dataset, list[MatchKey]]:
+    """(level, model name, identifier, keys) of a C-FIND/C-MOVE/C-GET request, or :class:`FindRefused`."""
+    request = cast(C_FIND | C_MOVE | C_GET, event.request)
+    model = (_FIND_LEVELS if models is None else models).get(str(request.AffectedSOPClassUID or ""))
     if model is None:  # not negotiated in build_ae, so not expected here
         raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
                           f"unsupported information model {request.AffectedSOPClassUID}")
@@ -285,3 +298,190 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
         if close is not None:
             close()
     log.info("C-FIND %s %s from %s@%s: %d matches", model_name, level.value, ae_title, host, matches)
+
+
+# -- C-MOVE and C-GET -----------------------------------------------------------
+
+_MOVE_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+    str(PatientRootQueryRetrieveInformationModelMove): ("Patient Root", frozenset(Level)),
+    str(StudyRootQueryRetrieveInformationModelMove): (
+        "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
+}
+_GET_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+    str(PatientRootQueryRetrieveInformationModelGet): ("Patient Root", frozenset(Level)),
+    str(StudyRootQueryRetrieveInformationModelGet): (
+        "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
+}
+# The unique key of each level (PS3.4 C.4.2.2.1: a retrieve identifier holds only unique keys).
+_UNIQUE_KEYS: dict[Level, str] = {
+    Level.PATIENT: "PatientID",
+    Level.STUDY: "StudyInstanceUID",
+    Level.SERIES: "SeriesInstanceUID",
+    Level.IMAGE: "SOPInstanceUID",
+}
+_LEVEL_ORDER = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+# pynetdicom associates with a move destination with at most this many presentation contexts (PS3.8).
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class _Match:
+    """One instance to send: its UID, and its SOP class and transfer syntax (None when it cannot be read)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    transfer_syntax: str | None
+
+
+def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
+    """The unique keys of ``level`` and above with a value; :class:`FindRefused` without the level's own."""
+    allowed = {_UNIQUE_KEYS[lv] for lv in _LEVEL_ORDER[:_LEVEL_ORDER.index(level) + 1]}
+    matching = [k for k in keys if k.keyword in allowed and str(k.value).strip()]
+    if _UNIQUE_KEYS[level] not in {k.keyword for k in matching}:
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
+                          f"the identifier has no {_UNIQUE_KEYS[level]} for a {level.value} level retrieve")
+    return [MatchKey(k.keyword, k.value) for k in matching]
+
+
+def _header(archive: Archive, sop_instance_uid: str) -> tuple[str, str] | None:
+    """(transfer syntax, SOP class) of a stored instance, from its file meta; None if it cannot be read."""
+    try:
+        with archive.open_instance(sop_instance_uid) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            return str(ds.file_meta.TransferSyntaxUID), str(ds.file_meta.MediaStorageSOPClassUID)
+    except (StorageError, OSError, AttributeError) + _DECODE_ERRORS as exc:
+        log.error("instance %s cannot be read from storage: %s: %s", sop_instance_uid, type(exc).__name__, exc)
+        return None
+
+
+def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Match]:
+    """The instances a retrieve identifier selects (only their UIDs and headers in memory)."""
+    wanted = keys if any(k.keyword == "SOPInstanceUID" for k in keys) else [*keys, MatchKey("SOPInstanceUID", "")]
+    rows = find(archive.index, Level.IMAGE, wanted)
+    try:
+        uids = [str(row["SOPInstanceUID"]) for row in rows]
+    finally:
+        rows.close()  # type: ignore[attr-defined]
+    result = []
+    for uid in uids:
+        header = _header(archive, uid)
+        ts, sop_class = header if header is not None else (None, None)
+        result.append(_Match(uid, sop_class, ts))
+    return result
+
+
+def _instance(archive: Archive, match: _Match) -> Dataset:
+    """The stored instance as a dataset; for one that cannot be read, a dataset with only its UID.
+
+    pynetdicom cannot send the latter, so it counts the sub-operation as
+    failed and lists the UID in FailedSOPInstanceUIDList (final status 0xB000
+    or 0xA702).
+    """
+    if match.transfer_syntax is not None:
+        try:
+            with archive.open_instance(match.sop_instance_uid) as f:
+                return pydicom.dcmread(f)
+        except (StorageError, OSError) + _DECODE_ERRORS as exc:
+            log.error("instance %s cannot be read from storage: %s: %s",
+                      match.sop_instance_uid, type(exc).__name__, exc)
+    failed = Dataset()
+    failed.SOPInstanceUID = match.sop_instance_uid
+    return failed
+
+
+def _contexts(matches: list[_Match]) -> list[PresentationContext]:
+    """One requested context per (SOP class, transfer syntax) of the matches, so each goes out as stored."""
+    pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in matches
+                    if m.sop_class_uid is not None and m.transfer_syntax is not None})
+    return [build_context(sop_class, [ts]) for sop_class, ts in pairs[:_MAX_CONTEXTS]]
+
+
+def _sub_operations(event: Event, archive: Archive, matches: list[_Match], what: str
+                    ) -> Iterator[tuple[int, Dataset]]:
+    for sent, match in enumerate(matches):
+        if event.is_cancelled:
+            log.info("%s cancelled after %d of %d sub-operations", what, sent, len(matches))
+            yield int(Status.CANCEL), Dataset()  # 0xFE00
+            return
+        # 0xFF00 Pending: sub-operations are continuing.
+        yield int(Status.PENDING), _instance(archive, match)
+    log.info("%s: %d sub-operations", what, len(matches))
+
+
+def _refuse_move(destination: tuple[str, int], status: int) -> Iterator[Any]:
+    """The yields of a C-MOVE answered with a failure ``status``.
+
+    pynetdicom sends a handler's failure status only after it has associated
+    with the destination (with at least one presentation context, here
+    Verification), so a refused identifier still costs that association; if
+    the destination does not answer, the peer gets 0xA801 instead.
+    """
+    yield destination[0], destination[1], {"contexts": [build_context(Verification)]}
+    yield 1
+    yield status, None
+
+
+def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
+    """C-MOVE (Patient Root and Study Root, PATIENT to IMAGE level) to a configured destination.
+
+    Yields, as pynetdicom expects: the destination's (host, port) —
+    (None, None) for an AE title not in ``move_destinations``, which
+    pynetdicom answers with 0xA801 —, then the number of instances, then
+    one (pending, dataset) per instance. The matches are listed first (their
+    UIDs and file-meta headers only) so that the association with the
+    destination proposes each instance's own SOP class and transfer syntax.
+    An instance that cannot be read from storage is a failed sub-operation
+    (final status 0xB000 with FailedSOPInstanceUIDList).
+    """
+    ae_title, host = peer_of(event)
+    request = cast(C_MOVE, event.request)
+    destination_ae = str(request.MoveDestination or "").strip()
+    destination = archive.settings.move_destinations.get(destination_ae)
+    if destination is None:
+        log.warning("C-MOVE from %s@%s refused (0xA801): move destination %r is unknown",
+                    ae_title, host, destination_ae)
+        yield None, None
+        return
+    try:
+        level, model_name, _, keys = _read_identifier(event, _MOVE_LEVELS)
+        matches = _matches(archive, level, _retrieve_keys(level, keys))
+    except FindRefused as exc:
+        log.warning("C-MOVE from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
+        yield from _refuse_move(destination, exc.status)
+        return
+    except (UnsupportedKey, InvalidValue) as exc:
+        log.warning("C-MOVE from %s@%s refused (0xA900): %s", ae_title, host, exc)
+        yield from _refuse_move(destination, int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS))  # type: ignore[attr-defined]
+        return
+    what = f"C-MOVE {model_name} {level.value} from {ae_title}@{host} to {destination_ae}"
+    log.info("%s: %d instances to %s:%d", what, len(matches), *destination)
+    contexts = _contexts(matches)
+    yield destination[0], destination[1], {"contexts": contexts} if contexts else {}
+    yield len(matches)
+    yield from _sub_operations(event, archive, matches, what)
+
+
+def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
+    """C-GET (Patient Root and Study Root, PATIENT to IMAGE level): C-STORE sub-operations on this association.
+
+    The peer must have proposed the instances' storage SOP classes with the
+    SCP role (see ``build_ae``). Yields the number of instances, then one
+    (pending, dataset) per instance; failures as in :func:`handle_move`.
+    """
+    ae_title, host = peer_of(event)
+    try:
+        level, model_name, _, keys = _read_identifier(event, _GET_LEVELS)
+        matches = _matches(archive, level, _retrieve_keys(level, keys))
+    except FindRefused as exc:
+        log.warning("C-GET from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
+        yield 1
+        yield exc.status, None
+        return
+    except (UnsupportedKey, InvalidValue) as exc:
+        log.warning("C-GET from %s@%s refused (0xA900): %s", ae_title, host, exc)
+        yield 1
+        yield int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), None  # type: ignore[attr-defined]
+        return
+    what = f"C-GET {model_name} {level.value} from {ae_title}@{host}"
+    yield len(matches)
+    yield from _sub_operations(event, archive, matches, what)

@@ -17,7 +17,11 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -78,12 +82,16 @@ def build_ae(archive: Archive) -> AE:
     ae.dimse_timeout = 60
     ae.acse_timeout = 30
     ae.require_called_aet = True
+    # Storage both ways: as SCP for C-STORE, and as SCU when a C-GET peer takes
+    # the SCP role (SCP/SCU role selection, PS3.7 D.3.3.4) for the sub-operations.
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-    for find_model in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind):
-        ae.add_supported_context(find_model, ALL_TRANSFER_SYNTAXES)
+    for qr_model in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
+                     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+                     PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet):
+        ae.add_supported_context(qr_model, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -96,6 +104,8 @@ def event_handlers(archive: Archive) -> list[Any]:
         (evt.EVT_C_ECHO, handlers.handle_echo, [archive]),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_C_FIND, handlers.handle_find, [archive]),
+        (evt.EVT_C_MOVE, handlers.handle_move, [archive]),
+        (evt.EVT_C_GET, handlers.handle_get, [archive]),
     ]
 
 

@@ -71,3 +71,38 @@ def test_data_dir_toml_is_read(tmp_path):
     s = load_settings(env={"TELEPACS_DATA_DIR": str(tmp_path)})
     assert s.http_port == 9000
     assert s.data_dir == Path(tmp_path).resolve()
+
+
+def test_move_destinations_from_toml_and_environment(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[dicom.destinations]\nWORKSTATION = "10.0.0.7:104"\nPACS2 = "pacs.example:11112"\n')
+    s = load_settings(cfg, env={}, data_dir=str(tmp_path))
+    assert dict(s.move_destinations) == {"WORKSTATION": ("10.0.0.7", 104), "PACS2": ("pacs.example", 11112)}
+    env = {"TELEPACS_MOVE_DESTINATIONS": "WS1=10.0.0.7:104, WS2=host:11113"}
+    s = load_settings(cfg, env=env, data_dir=str(tmp_path))  # the environment wins over the file
+    assert dict(s.move_destinations) == {"WS1": ("10.0.0.7", 104), "WS2": ("host", 11113)}
+    assert dict(load_settings(env={}, data_dir=str(tmp_path)).move_destinations) == {}
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("WS1", "must look like AE=host:port"),
+        ("WS1=10.0.0.7", "move destination WS1 must be host:port"),
+        ("WS1=:104", "move destination WS1 must be host:port"),
+        ("WS1=h:abc", "move destination WS1 port must be an integer"),
+        ("WS1=h:70000", "move destination WS1 port must be a TCP port"),
+        ("WS1=h:0", "needs a port other than 0"),
+        ("ABCDEFGHIJKLMNOPQ=h:104", "move destination AE title must be 1-16"),
+    ],
+)
+def test_bad_move_destinations_say_what_is_wrong(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env={"TELEPACS_MOVE_DESTINATIONS": value}, data_dir=str(tmp_path))
+
+
+def test_move_destinations_toml_must_be_a_table(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[dicom]\ndestinations = ["WS1"]\n')
+    with pytest.raises(ConfigError, match="dicom.destinations must be a table"):
+        load_settings(cfg, env={}, data_dir=str(tmp_path))

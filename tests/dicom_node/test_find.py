@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -267,8 +268,16 @@ def test_undecodable_identifier_gets_c000(loaded, caplog):
         req.Priority = 2
         # (0008,0052) QueryRetrieveLevel "STUDY ", then (0028,0010) Rows with 3 bytes.
         req.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY \x28\x00\x10\x00\x03\x00\x00\x00abc")
-        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # Pause our reactor first, as pynetdicom's own send_c_* do: otherwise it may take
+        # the response off the queue before get_msg() does.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
         assert rsp is not None and rsp.Status == 0xC000
     finally:
         assoc.release()
