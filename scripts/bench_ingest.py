@@ -502,7 +502,22 @@ class TelepacsReceiver(Receiver):
         return time.perf_counter()
 
 
-class OrthancReceiver(Receiver):
+class PeerReceiver(Receiver):
+    """A receiver that is one peer server process from tests/peers.py (Orthanc, storescp)."""
+
+    server: OrthancServer | StorescpServer | None = None
+
+    def root_pids(self) -> list[int]:
+        assert self.server is not None and self.server.pid is not None
+        return [self.server.pid]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class OrthancReceiver(PeerReceiver):
     name = "orthanc"
     family = "orthanc"
     aet = "ORTHANC"
@@ -517,14 +532,6 @@ class OrthancReceiver(Receiver):
         self.server.start()
         self.port = self.server.dicom_port
 
-    def root_pids(self) -> list[int]:
-        assert self.server is not None and self.server.pid is not None
-        return [self.server.pid]
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
 
     def count_received(self) -> int:
         assert self.server is not None
@@ -542,7 +549,7 @@ class OrthancReceiver(Receiver):
         return [f"orthanc.log: {line}" for line in lines if re.match(r"^E\d{4} ", line)][:20]
 
 
-class StorescpReceiver(Receiver):
+class StorescpReceiver(PeerReceiver):
     name = "storescp"
     family = "storescp"
     aet = "STORESCP"
@@ -563,14 +570,6 @@ class StorescpReceiver(Receiver):
         self.server.start()
         self.port = self.server.port
 
-    def root_pids(self) -> list[int]:
-        assert self.server is not None and self.server.pid is not None
-        return [self.server.pid]
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
 
     def count_received(self) -> int:
         assert self.server is not None
