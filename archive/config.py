@@ -73,6 +73,7 @@ class Settings:
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
     dicom_workers: int = 1
+    dicom_fast_store: bool = True
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     db_url: str = ""
@@ -105,6 +106,17 @@ class Settings:
 
 
 _ENV_PREFIX = "TELEPACS_"
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
 
 
 def _int(name: str, value: object) -> int:
@@ -194,6 +206,7 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
         flat["log_level"] = doc["log_level"]
     sections = {
         "dicom": {"ae_title": "ae_title", "host": "dicom_host", "port": "dicom_port", "workers": "dicom_workers",
+                  "fast_store": "dicom_fast_store",
                   "allowed_callers": "allowed_callers", "facilities": "facilities",
                   "destinations": "move_destinations"},
         "http": {"host": "http_host", "port": "http_port"},
@@ -218,6 +231,7 @@ _ENV_NAMES = {
     "DICOM_HOST": "dicom_host",
     "DICOM_PORT": "dicom_port",
     "DICOM_WORKERS": "dicom_workers",
+    "DICOM_FAST_STORE": "dicom_fast_store",
     "HTTP_HOST": "http_host",
     "HTTP_PORT": "http_port",
     "DB_URL": "db_url",
@@ -273,6 +287,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         dicom_host=str(raw.get("dicom_host", "0.0.0.0")),
         dicom_port=_port("DICOM port", raw.get("dicom_port", 11112)),
         dicom_workers=workers,
+        dicom_fast_store=_bool("dicom fast_store", raw.get("dicom_fast_store", True)),
         http_host=str(raw.get("http_host", "127.0.0.1")),
         http_port=_port("HTTP port", raw.get("http_port", 8042)),
         db_url=str(raw.get("db_url") or f"sqlite:///{data_dir / 'index.sqlite3'}"),

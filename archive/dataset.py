@@ -8,6 +8,7 @@ catalogued as if it were whole.
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from archive.header_scan import ScanUnsupported, Truncated, scan_part10
 from archive.keys import InvalidUID, validate_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -83,6 +85,12 @@ _PN_DELIMITERS = {0x5E, 0x3D, 0x5C}  # ^ = and the value separator
 _TEXT_DELIMITERS = set(pydicom.charset.TEXT_VR_DELIMS) | {0x5C}
 
 
+@functools.lru_cache(maxsize=None)
+def _tag_for_keyword(keyword: str) -> BaseTag | None:
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    return BaseTag(tag) if tag is not None else None
+
+
 class _Values:
     """Reads attribute values straight from a freshly parsed dataset's raw elements.
 
@@ -104,8 +112,8 @@ class _Values:
         return self._encodings
 
     def _raw(self, keyword: str) -> tuple[str, RawDataElement, bytes] | None:
-        tag = pydicom.datadict.tag_for_keyword(keyword)
-        elem = self.ds._dict.get(BaseTag(tag)) if tag is not None else None
+        tag = _tag_for_keyword(keyword)
+        elem = self.ds._dict.get(tag) if tag is not None else None
         if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
             return None
         try:
@@ -252,9 +260,45 @@ def _items_tile(value: bytes, little_endian: bool) -> bool:
     return offset == len(value)
 
 
-def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
-    """Parse the header of a Part 10 file at ``path``; raise :class:`InvalidDataset` if unusable."""
+def read_instance(path: Path, *, fast_scan: bool = True) -> tuple[ParsedInstance, FileMetaDataset]:
+    """Parse the header of a Part 10 file at ``path``; raise :class:`InvalidDataset` if unusable.
+
+    ``fast_scan=False`` reads with pydicom only (the scan's reference in tests).
+    """
     size = path.stat().st_size
+    try:
+        if not fast_scan:
+            raise ScanUnsupported("pydicom requested")
+        with open(path, "rb") as fp:
+            header = scan_part10(fp, size)
+    except Truncated as exc:
+        raise InvalidDataset(f"{path.name}: truncated: {exc}") from None
+    except ScanUnsupported:
+        ds, meta, offset = _read_with_pydicom(path, size)
+    else:
+        ds = Dataset(header.elements)
+        meta = FileMetaDataset(header.meta)
+        offset = header.dataset_offset
+    values = _Values(ds)
+    try:
+        transfer_syntax = validate_uid(_Values(meta).text("TransferSyntaxUID"), "TransferSyntaxUID")
+        sop_instance_uid = validate_uid(values.text("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class_uid = validate_uid(values.text("SOPClassUID"), "SOPClassUID")
+        study_uid = validate_uid(values.text("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validate_uid(values.text("SeriesInstanceUID"), "SeriesInstanceUID")
+    except InvalidUID as exc:
+        raise InvalidDataset(f"{path.name}: {exc}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidDataset(f"{path.name}: cannot decode a UID: {exc}") from None
+    try:
+        parsed = _parsed(values, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, offset)
+    except (ValueError, TypeError, KeyError, LookupError, UnicodeDecodeError) as exc:
+        raise InvalidDataset(f"{path.name}: cannot decode attributes: {type(exc).__name__}: {exc}") from None
+    return parsed, meta
+
+
+def _read_with_pydicom(path: Path, size: int) -> tuple[Dataset, FileMetaDataset, int]:
+    """pydicom's reader, for what the fast scan does not handle (e.g. deflated data sets)."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
     except InvalidDicomError as exc:
@@ -271,25 +315,11 @@ def read_instance(path: Path) -> tuple[ParsedInstance, FileMetaDataset]:
     else:
         with open(path, "rb") as fp:
             offset = dataset_offset(fp)
-    try:
-        transfer_syntax = validate_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
-        sop_instance_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        sop_class_uid = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
-        study_uid = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_uid = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-    except InvalidUID as exc:
-        raise InvalidDataset(f"{path.name}: {exc}") from None
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InvalidDataset(f"{path.name}: cannot decode a UID: {exc}") from None
-    try:
-        parsed = _parsed(ds, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, offset)
-    except (ValueError, TypeError, KeyError, LookupError, UnicodeDecodeError) as exc:
-        raise InvalidDataset(f"{path.name}: cannot decode attributes: {type(exc).__name__}: {exc}") from None
-    return parsed, meta
+    return ds, meta, offset
 
 
-def _parsed(ds: Dataset, sop: str, sop_class: str, study: str, series: str, ts: str, offset: int) -> ParsedInstance:
-    values = _Values(ds)
+def _parsed(values: _Values, sop: str, sop_class: str, study: str, series: str, ts: str,
+            offset: int) -> ParsedInstance:
     frames = _int_or_none(values, "NumberOfFrames")
     return ParsedInstance(
         sop_instance_uid=sop,

@@ -191,19 +191,21 @@ class Archive:
         *,
         expected: Expected | None = None,
         move: bool = False,
+        checksums: Checksums | None = None,
     ) -> IngestResult:
         """Store and catalogue the Part 10 file at ``path``; raise :class:`IngestError` if refused.
 
         With ``move`` the file may be renamed into storage (the caller must
         not use it afterwards, and should not delete it if the call raised:
-        it is then still there, or already removed).
+        it is then still there, or already removed). ``checksums`` computed
+        while the file was written (e.g. as it arrived) spare reading it again.
         """
         try:
             parsed, _meta = read_instance(path)
         except InvalidDataset as exc:
             raise self._refuse(IngestFailure.INVALID_DATASET, str(exc), source) from None
         self._check_expected(parsed, expected, source)
-        sums = part10_checksums(path, parsed.dataset_offset)
+        sums = checksums or part10_checksums(path, parsed.dataset_offset)
         key = object_key(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid)
         for attempt in range(3):
             try:

@@ -65,6 +65,11 @@ _STORE_STATUS_FOR_FAILURE: dict[IngestFailure, int] = {
 }
 
 
+def store_status_for(failure: IngestFailure) -> int:
+    """The C-STORE failure status for a refused instance."""
+    return _STORE_STATUS_FOR_FAILURE[failure]
+
+
 def peer_of(event: Event) -> tuple[str, str]:
     """(calling AE title, address) of the association's requestor."""
     requestor = event.assoc.requestor
@@ -90,7 +95,7 @@ def handle_store(event: Event, archive: Archive) -> int:
     try:
         archive.ingest_file(path, source, expected=expected, move=True)
     except IngestError as exc:
-        return _STORE_STATUS_FOR_FAILURE[exc.failure]
+        return store_status_for(exc.failure)
     return int(Status.SUCCESS)  # 0x0000
 
 

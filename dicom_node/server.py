@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive.service import Archive
-from dicom_node import handlers, polling
+from dicom_node import fast_store, handlers, polling
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,14 @@ MAX_PDU = 1 << 20  # 1 MiB: fewer PDUs (and fewer reactor turns) per instance
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT on the listener and TCP_NODELAY on connections."""
+    """pynetdicom's threaded server with SO_REUSEPORT on the listener and TCP_NODELAY on connections.
+
+    With ``archive`` set, associations that only store (and echo) are served
+    by :mod:`dicom_node.fast_store`; all others by pynetdicom.
+    """
 
     reuse_port = False
+    archive: Archive | None = None
 
     def server_bind(self) -> None:
         if self.reuse_port and self.socket is not None:
@@ -48,6 +53,15 @@ class NodeServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.archive is not None:
+            timeouts = (float(self.ae.acse_timeout or 30), float(self.ae.network_timeout or 60))
+            if fast_store.serve_if_storage(request, client_address, self.archive, self.contexts,
+                                           self.ae.maximum_pdu_size, timeouts):
+                self.shutdown_request(request)  # pynetdicom's association threads close their own; we close ours
+                return
+        super().finish_request(request, client_address)
 
 
 class SharedContexts(list):  # type: ignore[type-arg]
@@ -115,7 +129,8 @@ def start_node(archive: Archive, *, reuse_port: bool = False) -> NodeServer:
     archive.remove_stale_incoming()
     ae = build_ae(archive)
     settings = archive.settings
-    server_class = type("NodeServerInstance", (NodeServer,), {"reuse_port": reuse_port})
+    fast_archive = archive if settings.dicom_fast_store else None
+    server_class = type("NodeServerInstance", (NodeServer,), {"reuse_port": reuse_port, "archive": fast_archive})
     server = ae.make_server(
         (settings.dicom_host, settings.dicom_port),
         evt_handlers=event_handlers(archive),
