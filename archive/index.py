@@ -103,6 +103,19 @@ class IndexedInstance:
     dataset_checksum: str
 
 
+@dataclass(frozen=True)
+class InstanceLocation:
+    """Where an instance's object is, and what a retrieve needs to announce it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    object_key: str
+    transfer_syntax_uid: str
+    size: int
+
+
 def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], conflict: list[str]) -> bool:
     """INSERT … ON CONFLICT DO NOTHING on either database; True when a row was inserted."""
     dialect = session.get_bind().dialect.name
@@ -171,6 +184,29 @@ class CatalogIndex:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
         return IndexedInstance(*row) if row else None
+
+    def instance_locations(self, study_uid: str, series_uid: str | None = None,
+                           sop_instance_uid: str | None = None) -> list[InstanceLocation]:
+        """The instances of a study (or of one series, or one instance), in series and display order."""
+        stmt = (
+            select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sop_class_uid, _STUDIES.c.study_uid,
+                   _SERIES.c.series_uid, _INSTANCES.c.object_key, _INSTANCES.c.transfer_syntax_uid,
+                   _INSTANCES.c.size)
+            .join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
+            .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
+            .where(_STUDIES.c.study_uid == study_uid)
+            .order_by(_SERIES.c.series_number, _SERIES.c.id, _INSTANCES.c.slice_position,
+                      _INSTANCES.c.instance_number, _INSTANCES.c.id)
+        )
+        if series_uid is not None:
+            stmt = stmt.where(_SERIES.c.series_uid == series_uid)
+        if sop_instance_uid is not None:
+            stmt = stmt.where(_INSTANCES.c.sop_instance_uid == sop_instance_uid)
+        try:
+            with self.engine.connect() as conn:
+                return [InstanceLocation(*row) for row in conn.execute(stmt)]
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
 
     def iter_instances(self, batch: int = 2000) -> Iterator[IndexedInstance]:
         """Every indexed instance, in id order, fetched in batches (constant memory)."""

@@ -85,6 +85,11 @@ _INSTANCE_VALUES: dict[str, Callable[[Instance], str | int]] = {
     "SOPInstanceUID": lambda i: i.sop_instance_uid,
     "SOPClassUID": lambda i: i.sop_class_uid,
     "InstanceNumber": lambda i: _text(i.instance_number),
+    # Return keys only (QIDO-RS instance defaults, PS3.18 Table 10.6.3-5), from the index.
+    "Rows": lambda i: _text(i.rows),
+    "Columns": lambda i: _text(i.columns),
+    "NumberOfFrames": lambda i: i.number_of_frames,
+    "BitsAllocated": lambda i: _text((i.display or {}).get("BitsAllocated")),
 }
 
 # Return keys computed from the index rather than matched on a column (PS3.4 C.3.4).

@@ -60,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_web:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"{settings.http_host}:{settings.http_port}",
-             "--workers", str(args.web_workers), "--access-logfile", "-", "viewer:create_app()"],
+             "--workers", str(args.web_workers), "--worker-class", "gthread", "--threads", "8",
+             "--access-logfile", "-", "viewer:create_app()"],
             env=env,
         ))
     _wait_listening(settings.dicom_host, settings.dicom_port, procs)

@@ -18,6 +18,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
 
+    from viewer.dicomweb import bp as dicomweb
+
+    app.register_blueprint(dicomweb)
+
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
         return jsonify(status="ok", ae_title=app.config["TELEPACS_SETTINGS"].ae_title)

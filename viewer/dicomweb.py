@@ -1,0 +1,482 @@
+"""DICOMweb under ``/dicomweb``: QIDO-RS search, WADO-RS retrieve and metadata, STOW-RS store (PS3.18).
+
+A thin adapter: parameters in, ``archive`` calls, DICOM JSON or multipart out.
+Searching uses :func:`archive.query.find`, the same matching as C-FIND;
+storing uses :meth:`archive.service.Archive.ingest_file`, the same path and
+guarantees as C-STORE. Retrieved instances are streamed from storage part by
+part, as they were received (no transcoding yet: a request for another
+transfer syntax gets 406).
+
+References: PS3.18 §10.4 (Retrieve), §10.5 (Store), §10.6 (Search), Annex F (DICOM JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+import pydicom
+from flask import Blueprint, Response, request, stream_with_context
+from flask.typing import ResponseReturnValue
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.tag import Tag
+
+from archive.index import IndexUnavailable, InstanceLocation, Source
+from archive.keys import InvalidUID, validate_uid
+from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
+from archive.query import RETURN_KEYS, find
+from archive.service import Expected, IngestError, IngestFailure
+from storage import ObjectNotFound, StorageError
+from viewer.deps import get_archive
+from viewer.multipart import MediaType, MultipartError, new_boundary, read_parts, split_media_ranges, write_parts
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+_CHUNK = 256 * 1024
+MAX_LIMIT = 10_000  # results per search page; a larger limit is capped (and said so in a Warning header)
+
+# What a search returns by default at each level (PS3.18 Tables 10.6.3-3, -4, -5), with the UIDs a
+# client needs to go on from a result.
+DEFAULT_KEYS: dict[Level, tuple[str, ...]] = {
+    Level.STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+                  "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                  "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+    Level.SERIES: ("Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID", "BodyPartExamined",
+                   "NumberOfSeriesRelatedInstances", "StudyInstanceUID"),
+    Level.IMAGE: ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+                  "NumberOfFrames", "SeriesInstanceUID", "StudyInstanceUID"),
+}
+_CONTROL_PARAMS = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
+
+# STOW-RS Failure Reason (0008,1197): the Storage Service statuses (PS3.18 §10.5.3, PS3.4 B.2.3).
+_FAILURE_REASON: dict[IngestFailure, int] = {
+    IngestFailure.INVALID_DATASET: 0xC000,  # Error: Cannot understand
+    IngestFailure.UID_MISMATCH: 0xC000,
+    IngestFailure.SOP_CLASS_MISMATCH: 0xA900,  # Error: Data Set does not match SOP Class
+    IngestFailure.DUPLICATE_REJECTED: 0x0111,  # Duplicate SOP Instance
+    IngestFailure.STORAGE_UNAVAILABLE: 0xA700,  # Refused: Out of Resources
+    IngestFailure.INDEX_UNAVAILABLE: 0xA700,
+}
+
+
+class BadRequest(ValueError):
+    """A request parameter we cannot use (400)."""
+
+
+def error(status: int, message: str) -> Response:
+    """A JSON error a person can act on."""
+    return Response(json.dumps({"status": status, "error": message}), status=status, mimetype="application/json")
+
+
+@bp.errorhandler(BadRequest)
+def _bad_request(exc: BadRequest) -> ResponseReturnValue:
+    log.warning("DICOMweb %s %s from %s: %s", request.method, request.full_path, request.remote_addr, exc)
+    return error(400, str(exc))
+
+
+@bp.errorhandler(IndexUnavailable)
+def _index_down(exc: IndexUnavailable) -> ResponseReturnValue:
+    log.error("DICOMweb %s %s: %s", request.method, request.path, exc)
+    return error(503, "the catalogue is unavailable; try again shortly")
+
+
+# -- DICOM JSON (PS3.18 Annex F) ---------------------------------------------------
+
+
+def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
+    """(tag as 8 hex digits, DICOM JSON attribute) for an index value."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    vr = dictionary_VR(tag)
+    attribute: dict[str, Any] = {"vr": vr}
+    if value is None or value == "":
+        return f"{tag:08X}", attribute
+    if isinstance(value, int):
+        values: list[Any] = [value]
+    elif vr == "PN":
+        values = [{"Alphabetic": name} for name in str(value).split("\\")]
+    elif vr in ("IS", "SL", "SS", "UL", "US"):
+        values = [int(v) for v in str(value).split("\\") if v.strip()]
+    elif vr in ("DS", "FL", "FD"):
+        values = [float(v) for v in str(value).split("\\") if v.strip()]
+    else:
+        values = str(value).split("\\")
+    attribute["Value"] = values
+    return f"{tag:08X}", attribute
+
+
+def _url(*uids: str) -> str:
+    parts = ["studies", uids[0]]
+    if len(uids) > 1:
+        parts += ["series", uids[1]]
+    if len(uids) > 2:
+        parts += ["instances", uids[2]]
+    return request.host_url.rstrip("/") + bp.url_prefix + "/" + "/".join(parts)  # type: ignore[operator]
+
+
+def _retrieve_url(level: Level, row: dict[str, Any]) -> str | None:
+    uids = [str(row.get(k) or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+    depth = {Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}.get(level, 0)
+    if depth == 0 or not all(uids[:depth]):
+        return None
+    return _url(*uids[:depth])
+
+
+def _json_stream(objects: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    yield b"["
+    for number, obj in enumerate(objects):
+        yield (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    yield b"]"
+
+
+# -- QIDO-RS -------------------------------------------------------------------------
+
+
+@dataclass
+class Search:
+    keys: list[MatchKey] = field(default_factory=list)
+    returned: list[str] = field(default_factory=list)
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+    capped: bool = False
+
+
+def _keyword(name: str) -> str:
+    """A QIDO attribute parameter (keyword or 8 hex digits) as a keyword."""
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        keyword = keyword_for_tag(Tag(int(name, 16)))
+        if keyword:
+            return str(keyword)
+        raise BadRequest(f"attribute {name} is not a known DICOM tag")
+    if "." in name:
+        raise BadRequest(f"attribute {name!r}: sequence matching is not supported")
+    if tag_for_keyword(name) is None:
+        raise BadRequest(f"{name!r} is neither a DICOM keyword nor a tag, nor a search parameter")
+    return name
+
+
+def _non_negative(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, not {value!r}") from None
+    if number < 0:
+        raise BadRequest(f"{name} must not be negative")
+    return number
+
+
+def parse_search(args: Any, level: Level) -> Search:
+    """The search described by QIDO-RS query parameters (PS3.18 §8.3.4)."""
+    search = Search(returned=list(DEFAULT_KEYS[level]))
+    for name in args:
+        values = args.getlist(name)
+        lowered = name.lower()
+        if lowered == "includefield":
+            for value in values:
+                for item in value.split(","):
+                    item = item.strip()
+                    if item == "all":
+                        search.returned += [k for k, lv in RETURN_KEYS.items() if lv.depth <= level.depth]
+                    elif item:
+                        search.returned.append(_keyword(item))
+        elif lowered == "limit":
+            search.limit = _non_negative("limit", values[-1])
+            if search.limit > MAX_LIMIT:
+                search.limit, search.capped = MAX_LIMIT, True
+        elif lowered == "offset":
+            search.offset = _non_negative("offset", values[-1])
+        elif lowered == "fuzzymatching":
+            if values[-1].lower() not in ("true", "false"):
+                raise BadRequest(f"fuzzymatching must be true or false, not {values[-1]!r}")
+            search.fuzzy = values[-1].lower() == "true"
+        else:
+            keyword = _keyword(name)
+            value = values[-1]
+            if keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+                value = value.replace(",", "\\")  # a list of UIDs (PS3.18 §8.3.4.1)
+            search.keys.append(MatchKey(keyword, value))
+    if search.limit is None:
+        search.limit = MAX_LIMIT
+    return search
+
+
+def _search(level: Level, study_uid: str | None = None, series_uid: str | None = None) -> ResponseReturnValue:
+    search = parse_search(request.args, level)
+    for keyword, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        if uid is not None:
+            search.keys = [k for k in search.keys if k.keyword != keyword] + [MatchKey(keyword, _uid(uid))]
+    matched = {k.keyword for k in search.keys}
+    wanted = list(dict.fromkeys(search.returned))
+    keys = search.keys + [MatchKey(k, "") for k in wanted if k not in matched and RETURN_KEYS.get(k)]
+    try:
+        rows = find(get_archive().index, level, keys, fuzzy=search.fuzzy)
+    except (UnsupportedKey, InvalidValue) as exc:
+        raise BadRequest(str(exc)) from None
+    page = islice(rows, search.offset, search.offset + (search.limit or MAX_LIMIT))
+    first = next(page, None)  # run the query before answering, so a failure gets its status
+
+    def objects() -> Iterator[dict[str, Any]]:
+        for row in ([first] if first is not None else []):
+            yield _result(level, row, wanted)
+        for row in page:
+            yield _result(level, row, wanted)
+
+    headers = {}
+    if search.capped:
+        headers["Warning"] = f'299 telepacs "limit capped at {MAX_LIMIT}"'
+    return Response(stream_with_context(_json_stream(objects())), mimetype=DICOM_JSON, headers=headers)
+
+
+def _result(level: Level, row: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for keyword in wanted:
+        if keyword in row or RETURN_KEYS.get(keyword) is None or RETURN_KEYS[keyword].depth <= level.depth:
+            tag, attribute = json_attribute(keyword, row.get(keyword))
+            obj[tag] = attribute
+    url = _retrieve_url(level, row)
+    if url:
+        obj["00081190"] = {"vr": "UR", "Value": [url]}
+    return dict(sorted(obj.items()))
+
+
+def _uid(value: str) -> str:
+    try:
+        return validate_uid(value)
+    except InvalidUID as exc:
+        raise BadRequest(str(exc)) from None
+
+
+@bp.get("/studies")
+def search_studies() -> ResponseReturnValue:
+    return _search(Level.STUDY)
+
+
+@bp.get("/series")
+def search_all_series() -> ResponseReturnValue:
+    return _search(Level.SERIES)
+
+
+@bp.get("/studies/<study>/series")
+def search_series(study: str) -> ResponseReturnValue:
+    return _search(Level.SERIES, study_uid=study)
+
+
+@bp.get("/instances")
+def search_all_instances() -> ResponseReturnValue:
+    return _search(Level.IMAGE)
+
+
+@bp.get("/studies/<study>/instances")
+def search_study_instances(study: str) -> ResponseReturnValue:
+    return _search(Level.IMAGE, study_uid=study)
+
+
+@bp.get("/studies/<study>/series/<series>/instances")
+def search_instances(study: str, series: str) -> ResponseReturnValue:
+    return _search(Level.IMAGE, study_uid=study, series_uid=series)
+
+
+# -- WADO-RS ---------------------------------------------------------------------------
+
+
+def _locations(study: str, series: str | None = None, instance: str | None = None) -> list[InstanceLocation]:
+    found = get_archive().index.instance_locations(
+        _uid(study), _uid(series) if series else None, _uid(instance) if instance else None)
+    return found
+
+
+def _not_found(study: str, series: str | None, instance: str | None) -> Response:
+    what = f"instance {instance}" if instance else f"series {series}" if series else f"study {study}"
+    return error(404, f"{what} is not in the archive")
+
+
+def _wanted_syntax(accept: str) -> str | None:
+    """The transfer syntax an Accept header asks for (None: as stored), or :class:`NotAcceptable`."""
+    if not accept.strip():
+        return None
+    for media in split_media_ranges(accept):
+        if media.type in ("*/*", "multipart/*"):
+            return None
+        if media.type == "multipart/related" and media.params.get("type", "application/dicom") in (
+                "application/dicom", "application/*", "*/*"):
+            syntax = media.params.get("transfer-syntax")
+            return None if syntax in (None, "*") else syntax
+    raise NotAcceptable(f"cannot answer with {accept!r}; this resource is "
+                        'multipart/related; type="application/dicom"')
+
+
+class NotAcceptable(ValueError):
+    pass
+
+
+def _retrieve(study: str, series: str | None = None, instance: str | None = None) -> ResponseReturnValue:
+    try:
+        syntax = _wanted_syntax(request.headers.get("Accept", ""))
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+    locations = _locations(study, series, instance)
+    if not locations:
+        return _not_found(study, series, instance)
+    if syntax is not None:
+        other = [loc for loc in locations if loc.transfer_syntax_uid != syntax]
+        if other:
+            return error(406, f"{len(other)} instance(s) are stored in another transfer syntax "
+                              f"(e.g. {other[0].transfer_syntax_uid}) and transcoding is not available yet; "
+                              'ask with transfer-syntax=* to receive them as stored')
+    archive = get_archive()
+    boundary = new_boundary()
+
+    def parts() -> Iterator[tuple[str, Iterable[bytes]]]:
+        for loc in locations:
+            yield (f"application/dicom; transfer-syntax={loc.transfer_syntax_uid}", _object_chunks(loc))
+
+    def _object_chunks(loc: InstanceLocation) -> Iterator[bytes]:
+        try:
+            with archive.store.open(loc.object_key) as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+        except (ObjectNotFound, StorageError) as exc:
+            # Headers are sent: the only honest thing left is to cut the response short.
+            log.error("WADO-RS: object %s of instance %s unreadable: %s", loc.object_key, loc.sop_instance_uid, exc)
+            raise
+
+    log.info("WADO-RS retrieve %d instance(s) of study %s for %s", len(locations), study, request.remote_addr)
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return Response(stream_with_context(write_parts(parts(), boundary)), content_type=content_type)
+
+
+@bp.get("/studies/<study>")
+def retrieve_study(study: str) -> ResponseReturnValue:
+    return _retrieve(study)
+
+
+@bp.get("/studies/<study>/series/<series>")
+def retrieve_series(study: str, series: str) -> ResponseReturnValue:
+    return _retrieve(study, series)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>")
+def retrieve_instance(study: str, series: str, instance: str) -> ResponseReturnValue:
+    return _retrieve(study, series, instance)
+
+
+def _metadata(study: str, series: str | None = None, instance: str | None = None) -> ResponseReturnValue:
+    locations = _locations(study, series, instance)
+    if not locations:
+        return _not_found(study, series, instance)
+    archive = get_archive()
+
+    def objects() -> Iterator[dict[str, Any]]:
+        for loc in locations:
+            with archive.store.open(loc.object_key) as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=64 * 1024)
+            # Pixel data is left out until the bulk data and frames resources exist;
+            # other binary values are inline (InlineBinary). Real files carry values
+            # that cannot be encoded (e.g. "P1:" as a DS): those elements are left out.
+            yield ds.to_json_dict(suppress_invalid_tags=True)
+
+    return Response(stream_with_context(_json_stream(objects())), mimetype=DICOM_JSON)
+
+
+@bp.get("/studies/<study>/metadata")
+def study_metadata(study: str) -> ResponseReturnValue:
+    return _metadata(study)
+
+
+@bp.get("/studies/<study>/series/<series>/metadata")
+def series_metadata(study: str, series: str) -> ResponseReturnValue:
+    return _metadata(study, series)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/metadata")
+def instance_metadata(study: str, series: str, instance: str) -> ResponseReturnValue:
+    return _metadata(study, series, instance)
+
+
+# -- STOW-RS ---------------------------------------------------------------------------
+
+
+@bp.post("/studies")
+def store_instances() -> ResponseReturnValue:
+    return _store(None)
+
+
+@bp.post("/studies/<study>")
+def store_study_instances(study: str) -> ResponseReturnValue:
+    return _store(_uid(study))
+
+
+def _store(study: str | None) -> ResponseReturnValue:
+    media = MediaType.parse(request.content_type or "")
+    if media.type != "multipart/related" or not media.params.get("boundary"):
+        return error(415, 'send multipart/related; type="application/dicom" with a boundary')
+    if media.params.get("type", "application/dicom") != "application/dicom":
+        return error(415, f"parts of type {media.params['type']!r} are not accepted; send application/dicom")
+    archive = get_archive()
+    source = Source("stow", host=request.remote_addr)
+    expected = Expected(study_uid=study) if study else None
+    stored: list[dict[str, Any]] = []
+    failed: list[tuple[dict[str, Any], str]] = []
+    warning = ""
+    try:
+        for number, part in enumerate(read_parts(request.stream, media.params["boundary"],
+                                                 archive.new_incoming_path), start=1):
+            try:
+                part_type = MediaType.parse(part.content_type).type if part.content_type else "application/dicom"
+                if part_type != "application/dicom":
+                    failed.append(_failed_item(None, 0xC000, f"part {number} is {part_type}, not application/dicom"))
+                    continue
+                result = archive.ingest_file(part.path, source, expected=expected, move=True)
+                stored.append({
+                    "00081150": {"vr": "UI", "Value": [result.sop_class_uid]},
+                    "00081155": {"vr": "UI", "Value": [result.sop_instance_uid]},
+                    "00081190": {"vr": "UR", "Value": [_url(result.study_uid, result.series_uid,
+                                                            result.sop_instance_uid)]},
+                })
+            except IngestError as exc:
+                failed.append(_failed_item(part.path, _FAILURE_REASON[exc.failure], f"part {number}: {exc.message}"))
+            finally:
+                part.path.unlink(missing_ok=True)
+    except MultipartError as exc:
+        warning = f"the body was cut short or malformed after {len(stored) + len(failed)} part(s): {exc}"
+        log.warning("STOW-RS from %s: %s", request.remote_addr, warning)
+    if not stored and not failed:
+        return error(400, warning or "the body holds no part")
+    body: dict[str, Any] = {}
+    if study:
+        body["00081190"] = {"vr": "UR", "Value": [_url(study)]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [item for item, _ in failed]}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": stored}
+    status = 200 if not failed and not warning else (202 if stored else 409)
+    for _item, reason in failed:
+        log.warning("STOW-RS from %s: %s", request.remote_addr, reason)
+    headers = {"Warning": f'299 telepacs "{warning}"'} if warning else {}
+    log.info("STOW-RS from %s: %d stored, %d failed", request.remote_addr, len(stored), len(failed))
+    return Response(json.dumps(body), status=status, mimetype=DICOM_JSON, headers=headers)
+
+
+def _failed_item(path: Any, reason: int, message: str) -> tuple[dict[str, Any], str]:
+    """A FailedSOPSequence item, with the UIDs when the part can be read at all."""
+    sop_class = sop_instance = ""
+    if path is not None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            sop_class, sop_instance = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+            pass
+    item = {
+        "00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
+        "00081155": {"vr": "UI", "Value": [sop_instance]} if sop_instance else {"vr": "UI"},
+        "00081197": {"vr": "US", "Value": [reason]},
+    }
+    return item, message
