@@ -204,6 +204,39 @@ def test_one_refused_instance_is_reported_and_the_rest_continue(orthanc, origina
         {uid: b for uid, b in originals[TS_STUDY].items() if uid != victim_uid}
 
 
+def test_pull_stops_when_orthanc_goes_away_and_resumes(tmp_path):
+    arc = Archive.open(make_settings(tmp_path))
+    server = OrthancServer(work_dir=tmp_path / "orthanc", http_port=free_port())
+    try:
+        with server:
+            for path in TS_FILES:
+                server.request("POST", "/instances", path.read_bytes())
+            api = sync.connect(sync.parse_target(server.http_url))
+            instances = sync.plan_pull(api, sync.Selection(study_uid=TS_STUDY))
+            done = 0
+
+            def stop_after_three(n: int, nbytes: int) -> None:
+                nonlocal done
+                done += n
+                if done == 3:
+                    server.stop()  # by its PID; the storage directory stays
+
+            report = sync.pull(arc, api, instances, stop_after_three)
+            api.close()
+        assert (report.transferred, report.skipped, report.failed) == (3, 0, [])
+        assert report.aborted is not None and "is unreachable" in report.aborted
+        assert not report.ok
+
+        with server:  # the same Orthanc again, same port and storage
+            api = sync.connect(sync.parse_target(server.http_url))
+            report = sync.pull(arc, api, instances)
+            api.close()
+        assert (report.transferred, report.skipped, report.failed, report.aborted) == (6, 3, [], None)
+    finally:
+        arc.close()
+    assert stored_files(tmp_path / "data") == {read_uids(p)[2]: p.read_bytes() for p in TS_FILES}
+
+
 def test_pull_errors_are_clear(orthanc, tmp_path):
     data = tmp_path / "data"
     nowhere = f"http://127.0.0.1:{free_port()}/"
