@@ -206,24 +206,26 @@ def cmd_orthanc(args: argparse.Namespace) -> int:
     except orthanc.OrthancError as exc:
         print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
         return 2
-    archive = Archive.open(_settings(args))
     try:
         api = orthanc.connect(target, timeout=args.timeout)
-        try:
-            if args.action == "pull":
-                pulled = orthanc.plan_pull(api, orthanc.Selection(args.study, args.patient, since))
-                report = _with_bar(len(pulled), "pull", args.quiet,
-                                   lambda progress: orthanc.pull(archive, api, pulled, progress))
-            else:
-                pushed = orthanc.plan_push(archive, args.study)
-                report = _with_bar(len(pushed), "push", args.quiet,
-                                   lambda progress: orthanc.push(archive, api, pushed, progress))
-        finally:
-            api.close()
+    except orthanc.OrthancError as exc:
+        print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
+        return 2
+    archive = Archive.open(_settings(args))
+    try:
+        if args.action == "pull":
+            pulled = orthanc.plan_pull(api, orthanc.Selection(args.study, args.patient, since))
+            report = _with_bar(len(pulled), "pull", args.quiet,
+                               lambda progress: orthanc.pull(archive, api, pulled, progress))
+        else:
+            pushed = orthanc.plan_push(archive, args.study)
+            report = _with_bar(len(pushed), "push", args.quiet,
+                               lambda progress: orthanc.push(archive, api, pushed, progress))
     except orthanc.OrthancError as exc:
         print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
         return 2
     finally:
+        api.close()
         archive.close()
     for uid, reason in report.failed:
         print(f"FAILED {uid}: {reason}", file=sys.stderr)

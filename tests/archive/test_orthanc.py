@@ -248,6 +248,7 @@ def test_pull_errors_are_clear(orthanc, tmp_path):
     assert result.returncode == 2
     assert "refused the credentials (HTTP 401)" in result.stderr
     assert "wrong" not in result.stderr
+    assert not data.exists()  # nothing is created before the Orthanc answers
 
     result = run(["orthanc", "pull", url(orthanc), "--study", "1.2.3.4.5"], data)
     assert result.returncode == 2
