@@ -61,16 +61,21 @@ def run(args: list[str], data_dir: Path, **env: str) -> subprocess.CompletedProc
 
 
 def stored_files(data_dir: Path) -> dict[str, bytes]:
-    """SOP Instance UID -> bytes of every object the archive at ``data_dir`` holds (and indexes)."""
+    """SOP Instance UID -> bytes of every object the archive at ``data_dir`` (SQLite index) holds."""
     arc = Archive.open(make_settings(data_dir.parent))
     try:
-        result = {}
-        for instance in arc.index.iter_instances():
-            with arc.open_instance(instance.sop_instance_uid) as f:
-                result[instance.sop_instance_uid] = f.read()
-        return result
+        return archive_files(arc)
     finally:
         arc.close()
+
+
+def archive_files(arc: Archive) -> dict[str, bytes]:
+    """SOP Instance UID -> bytes of every object ``arc`` indexes."""
+    result = {}
+    for instance in arc.index.iter_instances():
+        with arc.open_instance(instance.sop_instance_uid) as f:
+            result[instance.sop_instance_uid] = f.read()
+    return result
 
 
 def orthanc_files(server: OrthancServer, study_uid: str) -> dict[str, bytes]:
@@ -162,21 +167,21 @@ class _Interrupting:
         yield from chunks
 
 
-def test_interrupted_pull_leaves_nothing_half_written(orthanc, originals, tmp_path):
-    arc = Archive.open(make_settings(tmp_path))
+def test_interrupted_pull_leaves_nothing_half_written(orthanc, originals, archive):
+    """On SQLite and PostgreSQL: a Ctrl-C in the middle of a download, then the same pull again."""
     api = sync.connect(sync.parse_target(url(orthanc)))
     try:
         instances = sync.plan_pull(api, sync.Selection(study_uid=TS_STUDY))
         with pytest.raises(KeyboardInterrupt):
-            sync.pull(arc, _Interrupting(api, after=4), instances)  # type: ignore[arg-type]
-        assert arc.index.counts()["instances"] == 3
-        assert list(arc.settings.incoming_dir.iterdir()) == []
-        report = sync.pull(arc, api, instances)
+            sync.pull(archive, _Interrupting(api, after=4), instances)  # type: ignore[arg-type]
+        assert archive.index.counts()["instances"] == 3
+        assert list(archive.settings.incoming_dir.iterdir()) == []
+        report = sync.pull(archive, api, instances)
         assert (report.transferred, report.skipped, report.failed) == (6, 3, [])
     finally:
         api.close()
-        arc.close()
-    assert stored_files(tmp_path / "data") == originals[TS_STUDY]
+    assert archive_files(archive) == originals[TS_STUDY]
+    assert archive.verify().ok
 
 
 def test_one_refused_instance_is_reported_and_the_rest_continue(orthanc, originals, tmp_path):
