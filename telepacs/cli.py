@@ -12,12 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from archive.config import ConfigError, Settings, load_settings
 from archive.db import make_engine, upgrade_schema
 from archive.index import Source
+from archive import orthanc
 from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
 from storage import SpooledObjectStore, open_store
 from telepacs.logs import setup_logging
@@ -197,6 +199,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_orthanc(args: argparse.Namespace) -> int:
+    """Pull studies from an Orthanc or push one to it (the logic is in archive.orthanc)."""
+    try:
+        target = orthanc.parse_target(args.url, args.user, args.password)
+        since = orthanc.parse_since(args.since) if getattr(args, "since", None) else None
+    except orthanc.OrthancError as exc:
+        print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        api = orthanc.connect(target, timeout=args.timeout)
+    except orthanc.OrthancError as exc:
+        print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
+        return 2
+    archive = Archive.open(_settings(args))
+    try:
+        if args.action == "pull":
+            pulled = orthanc.plan_pull(api, orthanc.Selection(args.study, args.patient, since))
+            report = _with_bar(len(pulled), "pull", args.quiet,
+                               lambda progress: orthanc.pull(archive, api, pulled, progress))
+        else:
+            pushed = orthanc.plan_push(archive, args.study)
+            report = _with_bar(len(pushed), "push", args.quiet,
+                               lambda progress: orthanc.push(archive, api, pushed, progress))
+    except orthanc.OrthancError as exc:
+        print(f"telepacs orthanc {args.action}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        api.close()
+        archive.close()
+    for uid, reason in report.failed:
+        print(f"FAILED {uid}: {reason}", file=sys.stderr)
+    if report.aborted:
+        print(f"stopped: {report.aborted} (run the same command again to resume)", file=sys.stderr)
+    print(report.summary("stored" if args.action == "pull" else "sent"))
+    return 0 if report.ok else 1
+
+
+def _with_bar(total: int, what: str, quiet: bool,
+              run: Callable[[orthanc.Progress], orthanc.SyncReport]) -> orthanc.SyncReport:
+    """Run a pull or push under a progress bar over its instances (megabytes moved as a postfix)."""
+    moved = 0
+    with tqdm(total=total, unit="instance", desc=what, disable=quiet) as bar:
+        def progress(instances: int, nbytes: int) -> None:
+            nonlocal moved
+            moved += nbytes
+            if instances:
+                bar.set_postfix_str(f"{moved / 1e6:.1f} MB", refresh=False)
+                bar.update(instances)
+        return run(progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telepacs", description="PACS archive and teleradiology viewer")
     parser.add_argument("--config", help="TOML settings file (default: $TELEPACS_CONFIG or DATA_DIR/telepacs.toml)")
@@ -228,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="existence only, no checksums")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("orthanc", help="pull studies from an Orthanc, or push one to it (REST API)")
+    actions = p.add_subparsers(dest="action", required=True)
+    pull = actions.add_parser("pull", help="import studies from an Orthanc through the normal ingest path")
+    pull.add_argument("url", help="Orthanc REST URL, e.g. http://user:password@orthanc.example:8042/")
+    which = pull.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
+    which.add_argument("--patient", metavar="ID", help="only the studies of this PatientID")
+    which.add_argument("--since", metavar="DATE", help="only studies with StudyDate on or after DATE (YYYYMMDD)")
+    push = actions.add_parser("push", help="send one study to an Orthanc")
+    push.add_argument("url", help="Orthanc REST URL, e.g. http://user:password@orthanc.example:8042/")
+    push.add_argument("--study", metavar="UID", required=True, help="the StudyInstanceUID to send")
+    for action in (pull, push):
+        action.add_argument("--user", help="Orthanc user (instead of user:password@ in the URL)")
+        action.add_argument("--password", default=os.environ.get("TELEPACS_ORTHANC_PASSWORD"),
+                            help="Orthanc password (default: $TELEPACS_ORTHANC_PASSWORD)")
+        action.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer")
+        action.add_argument("--quiet", action="store_true")
+        action.set_defaults(func=cmd_orthanc)
     return parser
 
 

@@ -17,6 +17,7 @@ Import from a benchmark script with::
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
@@ -409,6 +410,8 @@ class OrthancServer(_Server):
     :data:`ORTHANC_PLUGIN_DIR` (e.g. ``"libOrthancDicomWeb.so"`` when
     ``orthanc-dicomweb`` is installed); missing plugins raise :class:`PeerError`.
     ``config`` entries override/extend the generated configuration.
+    ``users`` (name -> password) turns HTTP Basic authentication on; the
+    readiness poll and :meth:`request` then log in as the first of them.
     """
 
     def __init__(
@@ -422,9 +425,11 @@ class OrthancServer(_Server):
         config: Mapping[str, object] | None = None,
         verbose: bool = False,
         start_timeout: float = 60.0,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="telepacs-orthanc-"))
+        self.users = dict(users or {})
         self.aet = aet
         self.modalities = {k: list(v) for k, v in (modalities or {}).items()}
         self.plugins = [self._plugin_path(p) for p in plugins]
@@ -467,7 +472,8 @@ class OrthancServer(_Server):
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "SslEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
@@ -518,15 +524,31 @@ class OrthancServer(_Server):
 
     def _is_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(self.http_url + "/system", timeout=1) as resp:
+            with urllib.request.urlopen(self._request("GET", "/system"), timeout=1) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
+    def _request(self, method: str, path: str, body: bytes | None = None) -> urllib.request.Request:
+        request = urllib.request.Request(self.http_url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return request
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 120) -> bytes:
+        """Call the REST API (as the first of ``users`` if any) and return the answer's bytes."""
+        with urllib.request.urlopen(self._request(method, path, body), timeout=timeout) as resp:
+            return bytes(resp.read())
+
     def get_json(self, path: str) -> object:
         """GET ``path`` (e.g. ``/system``, ``/instances``) and decode the JSON answer."""
-        with urllib.request.urlopen(self.http_url + path, timeout=30) as resp:
-            return json.loads(resp.read())
+        return json.loads(self.request("GET", path, timeout=30))
+
+    def post_json(self, path: str, payload: object, timeout: float = 120) -> object:
+        """POST ``payload`` as JSON to ``path`` and decode the JSON answer."""
+        return json.loads(self.request("POST", path, json.dumps(payload).encode(), timeout=timeout))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to our PID, wait, SIGKILL after ``timeout``."""
