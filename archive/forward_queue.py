@@ -173,12 +173,29 @@ class ForwardQueue:
     def scan(self, rules: Sequence[ForwardRule]) -> int:
         """Queue the instances catalogued (or replaced) since each rule's cursor; returns how many rows were queued."""
         queued = 0
-        for rule in rules:
+        try:
+            behind = self._rules_behind(rules)
+        except SQLAlchemyError as exc:
+            raise QueueUnavailable(f"forward scan: {exc.__class__.__name__}: {exc}") from None
+        for rule in behind:
             try:
                 queued += self._scan_rule(rule)
             except SQLAlchemyError as exc:
                 raise QueueUnavailable(f"forward scan for {rule.key}: {exc.__class__.__name__}: {exc}") from None
         return queued
+
+    def _rules_behind(self, rules: Sequence[ForwardRule]) -> list[ForwardRule]:
+        """The rules whose cursor lags the tables, found with reads only (no write lock when idle)."""
+        with self._sessions() as s:
+            last_instance = s.scalar(select(func.max(Instance.id))) or 0
+            last_replacement = s.scalar(select(func.max(InstanceReplacement.id))) or 0
+            cursors = {c.rule: (c.last_instance_id, c.last_replacement_id) for c in s.scalars(select(ForwardCursor))}
+        behind = []
+        for rule in rules:
+            at_instance, at_replacement = cursors.get(rule.key, (-1, -1))
+            if at_instance < last_instance or at_replacement < last_replacement:
+                behind.append(rule)
+        return behind
 
     def _scan_rule(self, rule: ForwardRule) -> int:
         with self._write() as s, s.begin():
@@ -267,17 +284,18 @@ class ForwardQueue:
         """
         now = utcnow()
         excluded = list(exclude)
+        query = (select(ForwardItem.id)
+                 .where(ForwardItem.state == ItemState.PENDING.value, ForwardItem.next_attempt_at <= now,
+                        or_(ForwardItem.claimed_until.is_(None), ForwardItem.claimed_until < now))
+                 .order_by(ForwardItem.id).limit(limit))
+        if excluded:
+            query = query.where(ForwardItem.destination.not_in(excluded))
         try:
+            with self._sessions() as s:  # a read first: no write lock when nothing is due
+                if s.scalar(query.limit(1)) is None:
+                    return []
             with self._write() as s, s.begin():
-                query = (select(ForwardItem.id)
-                         .where(ForwardItem.state == ItemState.PENDING.value, ForwardItem.next_attempt_at <= now,
-                                or_(ForwardItem.claimed_until.is_(None), ForwardItem.claimed_until < now))
-                         .order_by(ForwardItem.id).limit(limit))
-                if excluded:
-                    query = query.where(ForwardItem.destination.not_in(excluded))
-                if self._postgres:
-                    query = query.with_for_update(skip_locked=True)
-                ids = list(s.scalars(query))
+                ids = list(s.scalars(query.with_for_update(skip_locked=True) if self._postgres else query))
                 if not ids:
                     return []
                 s.execute(update(ForwardItem).where(ForwardItem.id.in_(ids))
@@ -292,6 +310,19 @@ class ForwardQueue:
         except SQLAlchemyError as exc:
             raise QueueUnavailable(f"forward claim: {exc.__class__.__name__}: {exc}") from None
         return [ClaimedItem(*row) for row in rows]
+
+    def extend_lease(self, item_ids: Sequence[int], owner: str, lease: float) -> None:
+        """Keep rows this worker still holds for another ``lease`` seconds (a long batch)."""
+        if not item_ids:
+            return
+        now = utcnow()
+        try:
+            with self._write() as s, s.begin():
+                s.execute(update(ForwardItem)
+                          .where(ForwardItem.id.in_(list(item_ids)), ForwardItem.claimed_by == owner)
+                          .values(claimed_until=now + dt.timedelta(seconds=lease), updated_at=now))
+        except SQLAlchemyError as exc:
+            raise QueueUnavailable(f"forward lease: {exc.__class__.__name__}: {exc}") from None
 
     def mark_sent(self, item_id: int, status: int) -> None:
         now = utcnow()

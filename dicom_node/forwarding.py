@@ -140,11 +140,15 @@ class Forwarder:
                                                            "the archive"))
         if not present:
             return
+        claimed_at = time.monotonic()
         assoc = self._associate(destination, address, present)
         if assoc is None:
             return
         try:
             for n, item in enumerate(present):
+                if time.monotonic() - claimed_at > self.settings.forward_lease / 2:
+                    self.queue.extend_lease([i.id for i in present[n:]], self.owner, self.settings.forward_lease)
+                    claimed_at = time.monotonic()
                 if not assoc.is_established:
                     self._destination_down(destination, address, present[n:], "the association was aborted")
                     return

@@ -109,6 +109,17 @@ def test_claims_do_not_overlap_and_expired_leases_are_taken_over(archive, queue,
     taken = queue.claim("worker-c", 10, lease=300)
     assert [c.sop_instance_uid for c in taken] == uids[:3]
     assert all(c.attempts == 2 for c in taken)
+
+    # A long batch: worker-b renews its lease before it runs out, so nobody takes its rows.
+    with archive.index.write_session() as s, s.begin():
+        s.execute(update(ForwardItem).where(ForwardItem.claimed_by == "worker-b")
+                  .values(claimed_until=utcnow() + dt.timedelta(seconds=0.5)))
+    queue.extend_lease([c.id for c in second], "worker-a", lease=300)  # not worker-a's rows: no effect
+    assert {r["claimed_until"] < utcnow() + dt.timedelta(seconds=1) for r in queue.items() if r["id"] in
+            {c.id for c in second}} == {True}
+    queue.extend_lease([c.id for c in second], "worker-b", lease=300)
+    assert {r["claimed_until"] > utcnow() + dt.timedelta(seconds=200) for r in queue.items() if r["id"] in
+            {c.id for c in second}} == {True}
     assert queue.claim("worker-a", 10, lease=300, exclude=["HUB"]) == []
 
 

@@ -213,3 +213,15 @@ def test_forwarding_survives_a_down_destination_and_a_telepacs_restart(tmp_path,
     log = (tmp_path / "serve.log").read_text()
     some_uid = next(iter(originals(ct_part10_dir)))
     assert f"forwarded {some_uid} to HUB: status 0x0000 (Success)" in log
+    retried = subprocess.run(TELEPACS + ["forward", "retry", "--destination", "HUB"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert retried.returncode == 0 and retried.stdout.strip() == "0 failed instance(s) queued again for HUB"
+
+
+def test_rule_naming_an_unknown_destination_stops_telepacs_with_a_clear_error(tmp_path, serve_config):
+    env, _, _ = serve_config
+    env = {**env, "TELEPACS_FORWARD_RULES": "NOWHERE:modality=CT"}
+    result = subprocess.run(TELEPACS + ["serve", "--no-web"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: forward rule NOWHERE:modality=CT names destination NOWHERE, which is not in " \
+           "[dicom.destinations] (HUB)" in result.stderr
