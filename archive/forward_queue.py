@@ -324,6 +324,19 @@ class ForwardQueue:
         except SQLAlchemyError as exc:
             raise QueueUnavailable(f"forward lease: {exc.__class__.__name__}: {exc}") from None
 
+    def release(self, item_ids: Sequence[int], owner: str) -> None:
+        """Give back rows this worker claimed but did not try (it is stopping): due at once, attempt not counted."""
+        if not item_ids:
+            return
+        try:
+            with self._write() as s, s.begin():
+                s.execute(update(ForwardItem)
+                          .where(ForwardItem.id.in_(list(item_ids)), ForwardItem.claimed_by == owner)
+                          .values(claimed_by=None, claimed_until=None, attempts=ForwardItem.attempts - 1,
+                                  updated_at=utcnow()))
+        except SQLAlchemyError as exc:
+            raise QueueUnavailable(f"forward release: {exc.__class__.__name__}: {exc}") from None
+
     def mark_sent(self, item_id: int, status: int) -> None:
         now = utcnow()
         try:

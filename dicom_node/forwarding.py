@@ -40,6 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from archive.forward_queue import Backoff, ClaimedItem, ForwardQueue, QueueUnavailable
+from archive.index import IndexUnavailable
 from archive.service import Archive
 from storage import StorageError
 
@@ -84,11 +85,13 @@ class Forwarder:
         self.work_dir = settings.data_dir / "forward"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._down: dict[str, tuple[int, float]] = {}  # destination -> (consecutive failures, retry at, monotonic)
+        self.stop_event = threading.Event()  # run() takes the caller's; checked between instances
 
     # -- the loop -------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Scan, claim and send until ``stop`` is set; waits ``forward.poll_interval`` when idle."""
+        self.stop_event = stop
         configure_pynetdicom()
         self.queue.ensure_cursors(self.rules)
         log.info("forwarder %s: %d rule(s): %s", self.owner, len(self.rules),
@@ -116,6 +119,9 @@ class Forwarder:
         for item in claimed:
             by_destination.setdefault(item.destination, []).append(item)
         for destination, items in by_destination.items():
+            if self.stop_event.is_set():
+                self.queue.release([i.id for i in items], self.owner)
+                continue
             self._send_batch(destination, items)
         return len(claimed)
 
@@ -149,6 +155,10 @@ class Forwarder:
                 if time.monotonic() - claimed_at > self.settings.forward_lease / 2:
                     self.queue.extend_lease([i.id for i in present[n:]], self.owner, self.settings.forward_lease)
                     claimed_at = time.monotonic()
+                if self.stop_event.is_set():  # stopping: what is left goes back to the queue, untried
+                    self.queue.release([i.id for i in present[n:]], self.owner)
+                    log.info("forward to %s: stopping; %d instance(s) left for later", destination, len(present) - n)
+                    return
                 if not assoc.is_established:
                     self._destination_down(destination, address, present[n:], "the association was aborted")
                     return
@@ -233,6 +243,9 @@ class Forwarder:
         try:
             with os.fdopen(fd, "wb") as out, self.archive.open_instance(item.sop_instance_uid) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
+        except IndexUnavailable as exc:  # the catalogue is down: the loop waits and tries again
+            path.unlink(missing_ok=True)
+            raise QueueUnavailable(str(exc)) from None
         except (StorageError, OSError) as exc:
             path.unlink(missing_ok=True)
             return _Refusal(f"instance {item.sop_instance_uid} cannot be read from storage: "

@@ -215,3 +215,16 @@ def test_cursor_does_not_pass_a_young_gap_in_the_ids(archive):
     assert queue._advance("instances", 17, [19]) == 17
     patient = ForwardQueue(archive.index.engine, gap_grace=0)  # a gap that stayed (a rolled-back insert)
     assert patient._advance("instances", 17, [19, 20]) == 20
+
+
+def test_release_gives_rows_back_untried(archive, queue, tmp_path):
+    queue.ensure_cursors([HUB_ALL])
+    receive(archive, tmp_path, "CT1", "CT")
+    queue.scan([HUB_ALL])
+    (item,) = queue.claim("stopping-worker", 10, lease=300)
+    queue.release([item.id], "another-worker")  # not its row: nothing happens
+    assert queue.claim("w", 10, lease=300) == []
+    queue.release([item.id], "stopping-worker")
+    (row,) = queue.items()
+    assert (row["state"], row["attempts"], row["claimed_by"]) == ("pending", 0, None)
+    assert [c.id for c in queue.claim("w", 10, lease=300)] == [item.id]

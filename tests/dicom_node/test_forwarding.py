@@ -225,3 +225,19 @@ def test_rule_naming_an_unknown_destination_stops_telepacs_with_a_clear_error(tm
     assert result.returncode == 2
     assert "configuration error: forward rule NOWHERE:modality=CT names destination NOWHERE, which is not in " \
            "[dicom.destinations] (HUB)" in result.stderr
+
+
+def test_a_stopping_forwarder_gives_its_claimed_rows_back(tmp_path, ct_part10_dir):
+    archive = forwarding_archive(tmp_path, free_port())
+    queue = ForwardQueue(archive.index.engine)
+    forwarder = Forwarder(archive, queue)
+    queue.ensure_cursors(archive.settings.forward_rules)
+    try:
+        import_as(archive, ct_part10_dir, "CT1")
+        forwarder.stop_event.set()  # SIGTERM arrives as the pass claims its batch
+        assert forwarder.run_once() == 10
+        rows = queue.items("HUB")
+        assert len(rows) == 10
+        assert {(r["state"], r["attempts"], r["claimed_by"]) for r in rows} == {("pending", 0, None)}
+    finally:
+        archive.close()
