@@ -15,7 +15,9 @@ id 11 while id 10 is still being inserted. The cursor therefore never moves
 past a gap in the ids until the gap is ``gap_grace`` seconds old (a rolled
 back insert leaves a gap for ever); rows beyond a young gap are queued at
 once and met again, harmlessly, by the next scan (the queue is unique per
-destination and origin row).
+destination, origin row and SOP Instance UID). Deleted rows (``reindex``
+empties the catalogue first) let SQLite hand ids out again: a cursor beyond
+the last id is brought back to it.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ class ForwardQueue:
         behind = []
         for rule in rules:
             at_instance, at_replacement = cursors.get(rule.key, (-1, -1))
-            if at_instance < last_instance or at_replacement < last_replacement:
+            if (at_instance, at_replacement) != (last_instance, last_replacement):
                 behind.append(rule)
         return behind
 
@@ -205,6 +207,7 @@ class ForwardQueue:
                 raise QueueUnavailable(f"forward rule {rule.key} has no cursor (ensure_cursors was not called)")
             now = utcnow()
             rows: list[dict[str, Any]] = []
+            self._clamp(s, cursor)
 
             new = s.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.source_ae, Series.modality)
@@ -240,6 +243,20 @@ class ForwardQueue:
         return queued
 
     @staticmethod
+    def _clamp(s: Session, cursor: ForwardCursor) -> None:
+        """After rows were deleted (``reindex`` empties the catalogue first), SQLite hands their ids out again:
+        a cursor beyond the last id would skip the next instances. Bring it back to the last id."""
+        last_instance = s.scalar(select(func.max(Instance.id))) or 0
+        last_replacement = s.scalar(select(func.max(InstanceReplacement.id))) or 0
+        if cursor.last_instance_id > last_instance or cursor.last_replacement_id > last_replacement:
+            log.warning("forward rule %s: the catalogue ends before its cursor (rows deleted, e.g. by reindex); "
+                        "cursor moved back from %d/%d to %d/%d", cursor.rule, cursor.last_instance_id,
+                        cursor.last_replacement_id, min(cursor.last_instance_id, last_instance),
+                        min(cursor.last_replacement_id, last_replacement))
+            cursor.last_instance_id = min(cursor.last_instance_id, last_instance)
+            cursor.last_replacement_id = min(cursor.last_replacement_id, last_replacement)
+
+    @staticmethod
     def _item(rule: ForwardRule, origin: Origin, origin_id: int, sop: str, now: dt.datetime) -> dict[str, Any]:
         return {
             "destination": rule.destination, "rule": rule.key, "origin": origin.value, "origin_id": origin_id,
@@ -253,7 +270,7 @@ class ForwardQueue:
             return 0
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
         stmt = (dialect_insert(ForwardItem).on_conflict_do_nothing(
-            index_elements=["destination", "origin", "origin_id"]).returning(_QUEUE.c.id))
+            index_elements=["destination", "origin", "origin_id", "sop_instance_uid"]).returning(_QUEUE.c.id))
         inserted = 0
         for row in rows:
             inserted += s.execute(stmt, row).first() is not None

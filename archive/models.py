@@ -181,7 +181,7 @@ class ForwardItem(Base):
 
     __tablename__ = "forward_queue"
     __table_args__ = (
-        UniqueConstraint("destination", "origin", "origin_id", name="uq_forward_queue_origin"),
+        UniqueConstraint("destination", "origin", "origin_id", "sop_instance_uid", name="uq_forward_queue_origin"),
         Index("ix_forward_queue_due", "state", "next_attempt_at"),
         Index("ix_forward_queue_destination_state", "destination", "state"),
     )

@@ -228,3 +228,15 @@ def test_release_gives_rows_back_untried(archive, queue, tmp_path):
     (row,) = queue.items()
     assert (row["state"], row["attempts"], row["claimed_by"]) == ("pending", 0, None)
     assert [c.id for c in queue.claim("w", 10, lease=300)] == [item.id]
+
+
+def test_cursor_follows_the_catalogue_back_after_a_reindex_emptied_it(archive, queue, tmp_path):
+    queue.ensure_cursors([HUB_ALL])
+    for _ in range(3):
+        receive(archive, tmp_path, "CT1", "CT")
+    assert queue.scan([HUB_ALL]) == 3
+    archive.index.clear()  # what `telepacs reindex` does first; SQLite then reuses ids from 1
+    assert queue.scan([HUB_ALL]) == 0
+    later = receive(archive, tmp_path, "CT1", "CT")
+    assert queue.scan([HUB_ALL]) == 1
+    assert queued(queue, "HUB2")[-1] == later

@@ -42,7 +42,7 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('destination', 'origin', 'origin_id', name='uq_forward_queue_origin')
+    sa.UniqueConstraint('destination', 'origin', 'origin_id', 'sop_instance_uid', name='uq_forward_queue_origin')
     )
     with op.batch_alter_table('forward_queue', schema=None) as batch_op:
         batch_op.create_index('ix_forward_queue_due', ['state', 'next_attempt_at'], unique=False)
