@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -119,7 +119,7 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.timezone.utc)
 
 
-_QUEUE = ForwardItem.__table__
+_QUEUE: Table = ForwardItem.__table__  # type: ignore[assignment]
 _ERROR_LENGTH = 500
 
 
@@ -354,13 +354,17 @@ class ForwardQueue:
         except SQLAlchemyError as exc:
             raise QueueUnavailable(f"forward release: {exc.__class__.__name__}: {exc}") from None
 
-    def mark_sent(self, item_id: int, status: int) -> None:
+    def mark_sent(self, sent: Sequence[tuple[int, int]]) -> None:
+        """Mark rows sent, with the status each got: ``[(id, status), …]``, in one transaction."""
+        if not sent:
+            return
         now = utcnow()
+        stmt = (update(_QUEUE).where(_QUEUE.c.id == bindparam("b_id"))
+                .values(state=ItemState.SENT.value, last_status=bindparam("b_status"), last_error=None, sent_at=now,
+                        updated_at=now, claimed_by=None, claimed_until=None))
         try:
             with self._write() as s, s.begin():
-                s.execute(update(ForwardItem).where(ForwardItem.id == item_id)
-                          .values(state=ItemState.SENT.value, last_status=status, last_error=None, sent_at=now,
-                                  updated_at=now, claimed_by=None, claimed_until=None))
+                s.connection().execute(stmt, [{"b_id": item_id, "b_status": status} for item_id, status in sent])
         except SQLAlchemyError as exc:
             raise QueueUnavailable(f"forward mark sent: {exc.__class__.__name__}: {exc}") from None
 

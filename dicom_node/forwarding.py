@@ -150,6 +150,7 @@ class Forwarder:
         assoc = self._associate(destination, address, present)
         if assoc is None:
             return
+        sent: list[tuple[int, int]] = []  # marked in one transaction (a crash before it means a resend, not a loss)
         try:
             for n, item in enumerate(present):
                 if time.monotonic() - claimed_at > self.settings.forward_lease / 2:
@@ -163,7 +164,8 @@ class Forwarder:
                     self._destination_down(destination, address, present[n:], "the association was aborted")
                     return
                 outcome = self._store(assoc, destination, item)
-                if outcome is None:
+                if isinstance(outcome, int):
+                    sent.append((item.id, outcome))
                     continue
                 if not outcome.rejected:
                     self._destination_down(destination, address, present[n:], outcome.error)
@@ -173,6 +175,7 @@ class Forwarder:
         finally:
             if assoc.is_established:
                 assoc.release()
+            self.queue.mark_sent(sent)
 
     def _associate(self, destination: str, address: tuple[str, int], items: list[ClaimedItem]
                    ) -> Association | None:
@@ -203,8 +206,8 @@ class Forwarder:
         self._destination_down(destination, address, items, f"{destination} at {address[0]}:{address[1]} {why}")
         return None
 
-    def _store(self, assoc: Association, destination: str, item: ClaimedItem) -> _Refusal | None:
-        """C-STORE one instance; None when sent (or sent with a warning)."""
+    def _store(self, assoc: Association, destination: str, item: ClaimedItem) -> _Refusal | int:
+        """C-STORE one instance; the status when sent (success or warning), else why not."""
         sop_class, syntax = UID(str(item.sop_class_uid)), UID(str(item.transfer_syntax_uid))
         if not any(cx.abstract_syntax == sop_class and cx.transfer_syntax and cx.transfer_syntax[0] == syntax
                    for cx in assoc.accepted_contexts):
@@ -225,10 +228,9 @@ class Forwarder:
         code = int(status.Status)
         category = code_to_category(code)
         if category in ("Success", "Warning"):
-            self.queue.mark_sent(item.id, code)
             level = logging.INFO if category == "Success" else logging.WARNING
             log.log(level, "forwarded %s to %s: %s", item.sop_instance_uid, destination, _status_text(code, status))
-            return None
+            return code
         return _Refusal(f"{destination} refused {item.sop_instance_uid}: {_status_text(code, status)}", code)
 
     @staticmethod

@@ -185,7 +185,7 @@ def test_unreachable_waits_refused_fails_after_max_and_retry_requeues(archive, q
     assert queue.retry("HUB2") == 1
     (item,) = queue.claim("w", 10, lease=300)
     assert item.sop_instance_uid == uid and item.attempts == 1
-    queue.mark_sent(item.id, 0x0000)
+    queue.mark_sent([(item.id, 0x0000)])
     (status,) = queue.status()
     assert (status.pending, status.sent, status.failed, status.oldest_pending) == (0, 1, 0, None)
     assert queue.items("HUB2", ItemState.SENT)[0]["last_status"] == 0
