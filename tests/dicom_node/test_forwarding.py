@@ -241,3 +241,35 @@ def test_a_stopping_forwarder_gives_its_claimed_rows_back(tmp_path, ct_part10_di
         assert {(r["state"], r["attempts"], r["claimed_by"]) for r in rows} == {("pending", 0, None)}
     finally:
         archive.close()
+
+
+def test_failure_status_from_the_destination_is_retried_then_failed_with_its_meaning(tmp_path, ct_part10_dir):
+    """A destination answering C-STORE with 0xA700 (here a pynetdicom SCP: dcmtk's storescp cannot be told to)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    hub_port = free_port()
+    scp = AE(ae_title="HUB")
+    for context in AllStoragePresentationContexts:
+        scp.add_supported_context(context.abstract_syntax)
+    calls: list[str] = []
+
+    def refuse(event):
+        calls.append(event.request.AffectedSOPInstanceUID)
+        return 0xA700  # Refused: Out of Resources
+
+    server = scp.start_server(("127.0.0.1", hub_port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    archive = forwarding_archive(tmp_path, hub_port)
+    queue = ForwardQueue(archive.index.engine)
+    forwarder = Forwarder(archive, queue)
+    queue.ensure_cursors(archive.settings.forward_rules)
+    try:
+        path = dicom_files(ct_part10_dir)[0]
+        archive.ingest_file(path, Source("dicom", ae_title="CT1", host="127.0.0.1"))
+        wait_for(lambda: forwarder.run_once() == 0 and queue.status()[0].failed == 1, 30, "the instance to fail")
+        (status,) = queue.status()
+        assert status.last_error == f"HUB refused {read_uids(path)[2]}: status 0xA700 (Refused: Out of Resources)"
+        assert calls == [read_uids(path)[2]] * 2  # forward.max_attempts
+        assert queue.items("HUB")[0]["last_status"] == 0xA700
+    finally:
+        server.shutdown()
+        archive.close()
