@@ -31,6 +31,16 @@ Example::
 
     [ingest]
     duplicate_policy = "keep-newer"  # or "keep-existing", "reject"
+
+    [forward]                        # send received instances on to a destination above
+    retry_initial = 5.0              # seconds before the first retry, doubling...
+    retry_max = 600.0                # ...up to this
+    max_attempts = 5                 # refusals (failure status) before an instance is "failed"
+
+    [[forward.rules]]                # omitted fields match anything
+    destination = "WORKSTATION"
+    calling_ae = "CT_HUYEN_A"
+    modality = "CT"
 """
 
 from __future__ import annotations
@@ -67,6 +77,27 @@ class AllowedCaller:
 
 
 @dataclass(frozen=True)
+class ForwardRule:
+    """Send instances received from ``calling_ae`` (any when None) of ``modality`` (any when None) to ``destination``."""
+
+    destination: str
+    calling_ae: str | None = None
+    modality: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable name for the rule (its queue cursor is kept under it), in the env-var syntax."""
+        conditions = [f"{name}={value}" for name, value in (("calling_ae", self.calling_ae),
+                                                             ("modality", self.modality)) if value is not None]
+        return f"{self.destination}:{','.join(conditions) or '*'}"
+
+    def matches(self, source_ae: str | None, modality: str | None) -> bool:
+        if self.calling_ae is not None and (source_ae or "").strip() != self.calling_ae:
+            return False
+        return self.modality is None or (modality or "").strip().upper() == self.modality
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     ae_title: str = "TELEPACS"
@@ -83,6 +114,13 @@ class Settings:
     move_destinations: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_NEWER
     log_level: str = "INFO"
+    forward_rules: tuple[ForwardRule, ...] = ()
+    forward_retry_initial: float = 5.0
+    forward_retry_max: float = 600.0
+    forward_max_attempts: int = 5
+    forward_batch_size: int = 50
+    forward_poll_interval: float = 1.0
+    forward_lease: float = 300.0
 
     @property
     def spool_dir(self) -> Path:
@@ -197,6 +235,65 @@ def _parse_destinations(value: object) -> dict[str, tuple[str, int]]:
     return dict(_destination(ae, address) for ae, address in value.items())
 
 
+def _float(name: str, value: object, minimum: float = 0.0) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {value!r}") from None
+    if not number >= minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {number}")
+    return number
+
+
+def _rule(destination: object, calling_ae: object = None, modality: object = None) -> ForwardRule:
+    dest = _ae_title("forward rule destination", destination)
+    caller = None if calling_ae in (None, "", "*") else _ae_title("forward rule calling_ae", calling_ae)
+    mod = None if modality in (None, "", "*") else str(modality).strip().upper()
+    if mod is not None and not (1 <= len(mod) <= 16 and mod.replace("_", "").isalnum()):
+        raise ConfigError(f"forward rule modality must be a DICOM modality code like CT, not {modality!r}")
+    return ForwardRule(dest, caller, mod)
+
+
+def _parse_rule_text(text: str) -> ForwardRule:
+    """``DEST:calling_ae=CT1,modality=CT`` or ``DEST:*`` or ``DEST``."""
+    destination, _, conditions = text.partition(":")
+    fields: dict[str, str] = {}
+    for item in filter(None, (c.strip() for c in conditions.split(","))):
+        if item == "*":
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in ("calling_ae", "modality"):
+            raise ConfigError(f"TELEPACS_FORWARD_RULES: {item!r} in rule {text!r} is not calling_ae=AE or modality=MOD")
+        fields[name.strip()] = value.strip()
+    return _rule(destination, fields.get("calling_ae"), fields.get("modality"))
+
+
+def _parse_rules(value: object) -> tuple[ForwardRule, ...]:
+    """From TOML (list of tables) or env (``HUB:calling_ae=CT1,modality=CT;HUB2:*``)."""
+    if isinstance(value, str):
+        return tuple(_parse_rule_text(part.strip()) for part in value.split(";") if part.strip())
+    if not isinstance(value, list):
+        raise ConfigError(f"forward.rules must be a list of tables, not {value!r}")
+    rules = []
+    for item in value:
+        if not isinstance(item, dict) or "destination" not in item:
+            raise ConfigError(f"forward.rules entries need a 'destination' key, not {item!r}")
+        unknown = set(item) - {"destination", "calling_ae", "modality"}
+        if unknown:
+            raise ConfigError(f"unknown setting in a forward rule: {', '.join(sorted(unknown))}")
+        rules.append(_rule(item["destination"], item.get("calling_ae"), item.get("modality")))
+    return tuple(rules)
+
+
+def _check_rules(rules: tuple[ForwardRule, ...], destinations: Mapping[str, tuple[str, int]]) -> tuple[ForwardRule, ...]:
+    for rule in rules:
+        if rule.destination not in destinations:
+            known = ", ".join(sorted(destinations)) or "none configured"
+            raise ConfigError(f"forward rule {rule.key} names destination {rule.destination}, which is not in "
+                              f"[dicom.destinations] ({known})")
+    return tuple(dict.fromkeys(rules))
+
+
 def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Map the TOML layout onto flat setting names."""
     flat: dict[str, Any] = {}
@@ -213,6 +310,10 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
         "index": {"url": "db_url"},
         "storage": {"url": "storage_url"},
         "ingest": {"duplicate_policy": "duplicate_policy"},
+        "forward": {"rules": "forward_rules", "retry_initial": "forward_retry_initial",
+                    "retry_max": "forward_retry_max", "max_attempts": "forward_max_attempts",
+                    "batch_size": "forward_batch_size", "poll_interval": "forward_poll_interval",
+                    "lease": "forward_lease"},
     }
     for section, names in sections.items():
         table = doc.get(section, {})
@@ -241,6 +342,13 @@ _ENV_NAMES = {
     "MOVE_DESTINATIONS": "move_destinations",
     "DUPLICATE_POLICY": "duplicate_policy",
     "LOG_LEVEL": "log_level",
+    "FORWARD_RULES": "forward_rules",
+    "FORWARD_RETRY_INITIAL": "forward_retry_initial",
+    "FORWARD_RETRY_MAX": "forward_retry_max",
+    "FORWARD_MAX_ATTEMPTS": "forward_max_attempts",
+    "FORWARD_BATCH_SIZE": "forward_batch_size",
+    "FORWARD_POLL_INTERVAL": "forward_poll_interval",
+    "FORWARD_LEASE": "forward_lease",
 }
 
 
@@ -281,6 +389,14 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     workers = _int("dicom workers", raw.get("dicom_workers", 1))
     if workers < 1:
         raise ConfigError("dicom workers must be at least 1")
+    destinations = _parse_destinations(raw.get("move_destinations", {}))
+    max_attempts = _int("forward max_attempts", raw.get("forward_max_attempts", 5))
+    batch_size = _int("forward batch_size", raw.get("forward_batch_size", 50))
+    if max_attempts < 1 or not 1 <= batch_size <= 128:
+        raise ConfigError("forward max_attempts must be at least 1 and batch_size 1-128 "
+                          f"(not {max_attempts} and {batch_size})")
+    retry_initial = _float("forward retry_initial", raw.get("forward_retry_initial", 5.0))
+    retry_max = _float("forward retry_max", raw.get("forward_retry_max", 600.0), minimum=retry_initial)
     return Settings(
         data_dir=data_dir,
         ae_title=_ae_title("AE title", raw.get("ae_title", "TELEPACS")),
@@ -294,7 +410,14 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),
         allowed_callers=_parse_callers(raw.get("allowed_callers", [])),
         facilities=_parse_facilities(raw.get("facilities", {})),
-        move_destinations=_parse_destinations(raw.get("move_destinations", {})),
+        move_destinations=destinations,
         duplicate_policy=policy,
         log_level=str(raw.get("log_level", "INFO")).upper(),
+        forward_rules=_check_rules(_parse_rules(raw.get("forward_rules", [])), destinations),
+        forward_retry_initial=retry_initial,
+        forward_retry_max=retry_max,
+        forward_max_attempts=max_attempts,
+        forward_batch_size=batch_size,
+        forward_poll_interval=_float("forward poll_interval", raw.get("forward_poll_interval", 1.0), minimum=0.01),
+        forward_lease=_float("forward lease", raw.get("forward_lease", 300.0), minimum=1.0),
     )

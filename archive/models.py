@@ -158,6 +158,53 @@ class InstanceReplacement(Base):
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ForwardCursor(Base):
+    """How far a forward rule has scanned the instances and instance_replacements tables (by primary key)."""
+
+    __tablename__ = "forward_cursors"
+
+    rule: Mapped[str] = mapped_column(String(200), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(16))
+    last_instance_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_replacement_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ForwardItem(Base):
+    """One instance to send to one destination: the persistent forward queue.
+
+    ``origin`` says what put it there: a newly catalogued instance
+    (``instance``, ``origin_id`` = instances.id) or a replacement of one
+    (``replacement``, ``origin_id`` = instance_replacements.id). A worker owns
+    a row while ``claimed_by`` is set and ``claimed_until`` lies ahead.
+    """
+
+    __tablename__ = "forward_queue"
+    __table_args__ = (
+        UniqueConstraint("destination", "origin", "origin_id", "sop_instance_uid", name="uq_forward_queue_origin"),
+        Index("ix_forward_queue_due", "state", "next_attempt_at"),
+        Index("ix_forward_queue_destination_state", "destination", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(16))
+    rule: Mapped[str] = mapped_column(String(200))
+    origin: Mapped[str] = mapped_column(String(16))
+    origin_id: Mapped[int] = mapped_column(BigInteger)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # every try, whatever the outcome
+    rejections: Mapped[int] = mapped_column(Integer, default=0)  # tries the destination answered with a failure
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 __all__ = [
     "Base",
     "Facility",
@@ -167,4 +214,6 @@ __all__ = [
     "Series",
     "Instance",
     "InstanceReplacement",
+    "ForwardCursor",
+    "ForwardItem",
 ]

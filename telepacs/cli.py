@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from archive.config import ConfigError, Settings, load_settings
 from archive.db import make_engine, upgrade_schema
+from archive.forward_queue import DestinationStatus, ForwardQueue, QueueUnavailable
 from archive.index import Source
 from archive import orthanc
 from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
@@ -43,7 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the DICOM node workers and the web app under gunicorn until interrupted."""
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_schema(make_engine(settings.db_url))
+    engine = make_engine(settings.db_url)
+    upgrade_schema(engine)
+    if settings.forward_rules:
+        # Before anything is received: a new rule forwards what arrives from now on.
+        ForwardQueue(engine).ensure_cursors(settings.forward_rules)
+    engine.dispose()
     env = dict(os.environ)
     if args.config:
         env["TELEPACS_CONFIG"] = str(Path(args.config).resolve())
@@ -55,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # One uploader for the spool, at a lower CPU priority than the receivers:
         # a C-STORE is acknowledged once spooled; the upload can trail behind.
         procs.append(subprocess.Popen([sys.executable, "-m", "telepacs.cli", "drain"], env=env))
+    if settings.forward_rules:
+        procs.append(subprocess.Popen([sys.executable, "-m", "telepacs.cli", "forward", "run"], env=env))
     for _ in range(workers):
         cmd = [sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if workers > 1 else [])
         cmd += ["--no-drain"] if spooled else []
@@ -73,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"({workers} receiving process{'es' if workers > 1 else ''})", flush=True)
     if not args.no_web:
         print(f"telepacs: web on http://{settings.http_host}:{settings.http_port}/", flush=True)
+    if settings.forward_rules:
+        print(f"telepacs: forwarding: {'; '.join(rule.key for rule in settings.forward_rules)}", flush=True)
     print(f"telepacs: data in {settings.data_dir} (index {settings.db_url.split('@')[-1]}, "
           f"storage {settings.storage_url.split('@')[-1]})", flush=True)
 
@@ -125,6 +137,90 @@ def cmd_drain(args: argparse.Namespace) -> int:
     log.info("draining spool %s to %s (%d waiting)", settings.spool_dir, store.description, store.pending_count())
     stop.wait()
     store.close()
+    return 0
+
+
+def cmd_forward_run(args: argparse.Namespace) -> int:
+    """Send queued instances to their destinations until stopped (started by `serve` when rules exist)."""
+    from dicom_node.forwarding import Forwarder
+
+    settings = _settings(args)
+    if not settings.forward_rules:
+        print("telepacs forward run: no forward rules configured ([[forward.rules]] or TELEPACS_FORWARD_RULES)",
+              file=sys.stderr)
+        return 2
+    archive = Archive.open(settings, drain_spool=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        Forwarder(archive, ForwardQueue(archive.index.engine)).run(stop)
+    finally:
+        archive.close()
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _status_rows(statuses: list[DestinationStatus], now: dt.datetime) -> list[list[str]]:
+    rows = [["DESTINATION", "PENDING", "SENT", "FAILED", "OLDEST PENDING", "NEXT RETRY", "LAST ERROR"]]
+    for st in statuses:
+        oldest = None if st.oldest_pending is None else (now - st.oldest_pending).total_seconds()
+        due = None if st.next_attempt is None else (st.next_attempt - now).total_seconds()
+        rows.append([st.destination, str(st.pending), str(st.sent), str(st.failed), _age(oldest),
+                     "-" if due is None else ("now" if due <= 0 else "in " + _age(due)), st.last_error or "-"])
+    return rows
+
+
+def cmd_forward_status(args: argparse.Namespace) -> int:
+    """The forward queue per destination: pending, sent, failed, oldest pending, next retry, last error."""
+    settings = _settings(args)
+    engine = make_engine(settings.db_url)
+    try:
+        upgrade_schema(engine)
+        statuses = ForwardQueue(engine).status()
+    except QueueUnavailable as exc:
+        print(f"telepacs forward status: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    now = dt.datetime.now(dt.timezone.utc)
+    if args.json:
+        print(json.dumps([st.as_json(now) for st in statuses], indent=2))
+        return 0
+    if not statuses:
+        rules = "; ".join(rule.key for rule in settings.forward_rules) or "none"
+        print(f"forward queue empty (rules: {rules})")
+        return 0
+    rows = _status_rows(statuses, now)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def cmd_forward_retry(args: argparse.Namespace) -> int:
+    """Failed forwards (of one destination, or all) back to pending."""
+    settings = _settings(args)
+    engine = make_engine(settings.db_url)
+    try:
+        upgrade_schema(engine)
+        count = ForwardQueue(engine).retry(args.destination)
+    except QueueUnavailable as exc:
+        print(f"telepacs forward retry: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"{count} failed instance(s) queued again{' for ' + args.destination if args.destination else ''}")
     return 0
 
 
@@ -263,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drain", help="upload the receive spool to S3 until stopped (serve runs it)")
     p.add_argument("--nice", type=int, default=10, help="lower CPU priority by this much")
     p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser("forward", help="the forward queue: run the sender, show status, retry failures")
+    forward = p.add_subparsers(dest="forward_command", required=True)
+    q = forward.add_parser("run", help="send queued instances to their destinations until stopped (serve runs it)")
+    q.set_defaults(func=cmd_forward_run)
+    q = forward.add_parser("status", help="pending, sent and failed instances per destination")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_forward_status)
+    q = forward.add_parser("retry", help="queue failed instances again")
+    q.add_argument("--destination", help="only this destination AE title")
+    q.set_defaults(func=cmd_forward_retry)
 
     p = sub.add_parser("init", help="create or upgrade the index schema")
     p.set_defaults(func=cmd_init)

@@ -106,3 +106,67 @@ def test_move_destinations_toml_must_be_a_table(tmp_path):
     cfg.write_text('[dicom]\ndestinations = ["WS1"]\n')
     with pytest.raises(ConfigError, match="dicom.destinations must be a table"):
         load_settings(cfg, env={}, data_dir=str(tmp_path))
+
+
+# -- forwarding rules ---------------------------------------------------------
+
+from archive.config import ForwardRule  # noqa: E402
+
+
+def test_forward_rules_from_toml(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(
+        "[dicom.destinations]\nHUB = \"10.0.0.1:104\"\nHUB2 = \"10.0.0.2:104\"\n"
+        "[forward]\nretry_initial = 0.5\nretry_max = 30\nmax_attempts = 3\n"
+        "[[forward.rules]]\ndestination = \"HUB\"\ncalling_ae = \"CT1\"\nmodality = \"ct\"\n"
+        "[[forward.rules]]\ndestination = \"HUB2\"\n"
+    )
+    s = load_settings(cfg, env={})
+    assert s.forward_rules == (ForwardRule("HUB", "CT1", "CT"), ForwardRule("HUB2"))
+    assert [r.key for r in s.forward_rules] == ["HUB:calling_ae=CT1,modality=CT", "HUB2:*"]
+    assert (s.forward_retry_initial, s.forward_retry_max, s.forward_max_attempts) == (0.5, 30.0, 3)
+
+
+def test_forward_rules_from_environment(tmp_path):
+    env = {"TELEPACS_MOVE_DESTINATIONS": "HUB=h:104,HUB2=h2:11112",
+           "TELEPACS_FORWARD_RULES": "HUB:calling_ae=CT1,modality=CT; HUB2:* ;HUB:modality=MR",
+           "TELEPACS_FORWARD_RETRY_INITIAL": "0.1", "TELEPACS_FORWARD_MAX_ATTEMPTS": "2"}
+    s = load_settings(env=env, data_dir=str(tmp_path))
+    assert s.forward_rules == (ForwardRule("HUB", "CT1", "CT"), ForwardRule("HUB2"), ForwardRule("HUB", None, "MR"))
+    assert s.forward_retry_initial == 0.1 and s.forward_max_attempts == 2
+    # Keys round-trip through the env syntax.
+    again = load_settings(env={**env, "TELEPACS_FORWARD_RULES": ";".join(r.key for r in s.forward_rules)},
+                          data_dir=str(tmp_path))
+    assert again.forward_rules == s.forward_rules
+
+
+def test_forward_rule_matching():
+    any_rule, ct1, ct_only = ForwardRule("HUB"), ForwardRule("HUB", "CT1"), ForwardRule("HUB", modality="CT")
+    both = ForwardRule("HUB", "CT1", "CT")
+    assert any_rule.matches(None, "")
+    assert ct1.matches("CT1", "MR") and ct1.matches("CT1 ", "OT") and not ct1.matches("CT2", "CT")
+    assert not ct1.matches(None, "CT")
+    assert ct_only.matches("X", "CT") and not ct_only.matches("X", "MR")
+    assert both.matches("CT1", "CT") and not both.matches("CT1", "MR") and not both.matches("MR1", "CT")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TELEPACS_FORWARD_RULES": "NOWHERE:*"}, "names destination NOWHERE, which is not in [dicom.destinations]"),
+    ({"TELEPACS_FORWARD_RULES": "HUB:caller=CT1"}, "'caller=CT1' in rule 'HUB:caller=CT1' is not"),
+    ({"TELEPACS_FORWARD_RULES": "HUB:modality=C T"}, "modality must be a DICOM modality code"),
+    ({"TELEPACS_FORWARD_RULES": "HUB:*", "TELEPACS_FORWARD_BATCH_SIZE": "500"}, "batch_size 1-128"),
+    ({"TELEPACS_FORWARD_RULES": "HUB:*", "TELEPACS_FORWARD_RETRY_MAX": "1", "TELEPACS_FORWARD_RETRY_INITIAL": "5"},
+     "forward retry_max must be at least 5.0"),
+    ({"TELEPACS_FORWARD_RETRY_INITIAL": "soon"}, "forward retry_initial must be a number"),
+])
+def test_bad_forward_settings_are_named(tmp_path, env, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"TELEPACS_MOVE_DESTINATIONS": "HUB=h:104", **env}, data_dir=str(tmp_path))
+    assert message in str(err.value)
+
+
+def test_forward_rule_tables_are_checked(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[dicom.destinations]\nHUB = \"h:104\"\n[[forward.rules]]\ndestination = \"HUB\"\nmodalty = \"CT\"\n")
+    with pytest.raises(ConfigError, match="unknown setting in a forward rule: modalty"):
+        load_settings(cfg, env={})
