@@ -30,9 +30,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
-from archive.index import CatalogIndex
+from archive.index import CatalogIndex, IndexUnavailable
 from archive.matching import (
     ATTRIBUTES,
     InvalidValue,
@@ -193,6 +194,8 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
         or a return key only). Raised by this call, before any row is read.
     InvalidValue
         A malformed level or value. Raised by this call as well.
+    IndexUnavailable
+        The database failed while rows were read (raised by the iterator).
 
     Notes
     -----
@@ -208,6 +211,13 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
 
 
 def _stream(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> Iterator[Row]:
+    try:
+        yield from _rows(index, level, stmt, returned)
+    except SQLAlchemyError as exc:
+        raise IndexUnavailable(f"index query failed: {exc.__class__.__name__}: {exc}") from None
+
+
+def _rows(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> Iterator[Row]:
     with index.session() as session:
         counts: dict[int, int] = {}
 

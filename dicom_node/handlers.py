@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import Status
 
-from archive.index import Source
+from archive.index import IndexUnavailable, Source
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey, parse_level
 from archive.query import find
 from archive.service import Archive, Expected, IngestError, IngestFailure
@@ -52,6 +52,7 @@ Status.add("PROCESSING_FAILURE", 0x0110)  # Failure: Processing failure (PS3.7 C
 Status.add("IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS", 0xA900)  # Failure: Identifier does not match SOP Class
 Status.add("UNABLE_TO_PROCESS", 0xC000)  # Failure: Unable to process (0xC000-0xCFFF)
 # Query/Retrieve - MOVE and GET (PS3.4 C.4.2.1.5, C.4.3.1.4): 0xA900 and 0xC000 as for FIND;
+Status.add("UNABLE_TO_CALCULATE_MATCHES", 0xA701)  # Refused: Out of Resources - Unable to calculate number of matches
 # pynetdicom itself sends 0xA801 (Move Destination unknown, Status.MOVE_DESTINATION_UNKNOWN),
 # 0xA702 (all sub-operations failed) and 0xB000 (some failed, with FailedSOPInstanceUIDList).
 
@@ -272,7 +273,8 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
     Failures (PS3.4 C.4.1.1.4): 0xA900 for an identifier the information
     model cannot answer (no or an unknown QueryRetrieveLevel, a level the
     model lacks, a value on a key we cannot match, a malformed value);
-    0xC000 for an identifier that cannot be decoded.
+    0xC000 for an identifier that cannot be decoded; 0xA700 (Out of
+    Resources) when the index fails.
     """
     ae_title, host = peer_of(event)
     try:
@@ -298,6 +300,10 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
             matches += 1
             # 0xFF00 Pending: matches are continuing, current match supplied.
             yield int(Status.PENDING), _response(identifier, level, row, retrieve_ae)
+    except IndexUnavailable as exc:
+        log.error("C-FIND from %s@%s failed after %d matches (0xA700): %s", ae_title, host, matches, exc)
+        yield int(Status.OUT_OF_RESOURCES), None  # type: ignore[attr-defined]  # 0xA700 Refused: Out of Resources
+        return
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
@@ -365,6 +371,8 @@ def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Matc
     rows = find(archive.index, Level.IMAGE, wanted)
     try:
         uids = [str(row["SOPInstanceUID"]) for row in rows]
+    except IndexUnavailable as exc:
+        raise FindRefused(int(Status.UNABLE_TO_CALCULATE_MATCHES), str(exc)) from None  # type: ignore[attr-defined]
     finally:
         rows.close()  # type: ignore[attr-defined]
     result = []

@@ -15,7 +15,7 @@ from archive.matching import Level, MatchKey, UnsupportedKey
 from archive.query import find
 from archive.service import Archive
 from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, node_archive, read_uids, running_node, write_instance
-from tests.peers import DCMTK_BIN, run_storescu
+from tests.peers import DCMTK_BIN, StorescpServer, free_port, run_storescu
 
 FINDSCU = "/usr/bin/findscu"  # dcmtk's (the venv's PATH has pynetdicom's own findscu)
 MR_STUDY_UID = read_uids(dicom_files(MR_STUDY_DIR)[0])[0]
@@ -331,3 +331,31 @@ def test_find_streams_and_checks_keys_before_reading(loaded):
     assert sorted([first["NumberOfSeriesRelatedInstances"], *(r["NumberOfSeriesRelatedInstances"] for r in rows)]) \
         == [14, 130]
 
+
+
+def test_index_failure_gets_a700_and_a_log_line(tmp_path, caplog):
+    """The index database goes away under a running node: C-FIND 0xA700, C-MOVE 0xA701; echo still works."""
+    dest_port = free_port()
+    arc = node_archive(tmp_path, move_destinations={"MOVEDEST": f"127.0.0.1:{dest_port}"})
+    with running_node(arc), StorescpServer(out_dir=tmp_path / "dest", aet="MOVEDEST", port=dest_port):
+        s = arc.settings
+        assert run_storescu(dicom_files(TS_DIR)[:2], "127.0.0.1", s.dicom_port, s.ae_title).returncode == 0
+        db_file = Path(s.db_url.removeprefix("sqlite:///"))
+        arc.index.engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{db_file}{suffix}")
+            if part.exists():
+                part.rename(tmp_path / f"moved{suffix}")
+        caplog.set_level("ERROR", logger="dicom_node.handlers")
+        run, rsps = findscu(arc, tmp_path / "find", STUDY_KEYS, extra=("-d",))
+        output = run.stdout + run.stderr
+        assert rsps == []
+        assert "DIMSE Status                  : 0xa700" in output, output
+        assert any("C-FIND from FINDER" in r.getMessage() and "0xA700" in r.getMessage() for r in caplog.records)
+        move = subprocess.run([str(DCMTK_BIN / "movescu"), "-v", "-d", "-S", "-aet", "FINDER", "-aem", "MOVEDEST",
+                               "-aec", s.ae_title, "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3",
+                               "127.0.0.1", str(s.dicom_port)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})
+        assert "0xa701" in (move.stdout + move.stderr).lower(), move.stdout + move.stderr
+        assert echo_works(arc)
+    arc.close()
