@@ -107,6 +107,7 @@ class Settings:
     dicom_fast_store: bool = True
     http_host: str = "127.0.0.1"
     http_port: int = 8042
+    render_cache_mb: int = 256  # per web process: decoded frames and rendered images (LRU)
     db_url: str = ""
     storage_url: str = ""
     allowed_callers: tuple[AllowedCaller, ...] = ()
@@ -155,6 +156,13 @@ def _bool(name: str, value: object) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _non_negative_int(name: str, value: object) -> int:
+    number = _int(name, value)
+    if number < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return number
 
 
 def _int(name: str, value: object) -> int:
@@ -306,7 +314,7 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
                   "fast_store": "dicom_fast_store",
                   "allowed_callers": "allowed_callers", "facilities": "facilities",
                   "destinations": "move_destinations"},
-        "http": {"host": "http_host", "port": "http_port"},
+        "http": {"host": "http_host", "port": "http_port", "render_cache_mb": "render_cache_mb"},
         "index": {"url": "db_url"},
         "storage": {"url": "storage_url"},
         "ingest": {"duplicate_policy": "duplicate_policy"},
@@ -335,6 +343,7 @@ _ENV_NAMES = {
     "DICOM_FAST_STORE": "dicom_fast_store",
     "HTTP_HOST": "http_host",
     "HTTP_PORT": "http_port",
+    "RENDER_CACHE_MB": "render_cache_mb",
     "DB_URL": "db_url",
     "STORAGE_URL": "storage_url",
     "ALLOWED_CALLERS": "allowed_callers",
@@ -406,6 +415,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         dicom_fast_store=_bool("dicom fast_store", raw.get("dicom_fast_store", True)),
         http_host=str(raw.get("http_host", "127.0.0.1")),
         http_port=_port("HTTP port", raw.get("http_port", 8042)),
+        render_cache_mb=_non_negative_int("render cache MB", raw.get("render_cache_mb", 256)),
         db_url=str(raw.get("db_url") or f"sqlite:///{data_dir / 'index.sqlite3'}"),
         storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),
         allowed_callers=_parse_callers(raw.get("allowed_callers", [])),
