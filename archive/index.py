@@ -114,6 +114,7 @@ class InstanceLocation:
     object_key: str
     transfer_syntax_uid: str
     size: int
+    checksum: str  # BLAKE3 of the stored object: what caches and ETags key on
 
 
 def _insert_ignore(session: Session, model: type[Base], values: dict[str, Any], conflict: list[str]) -> bool:
@@ -191,7 +192,7 @@ class CatalogIndex:
         stmt = (
             select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sop_class_uid, _STUDIES.c.study_uid,
                    _SERIES.c.series_uid, _INSTANCES.c.object_key, _INSTANCES.c.transfer_syntax_uid,
-                   _INSTANCES.c.size)
+                   _INSTANCES.c.size, _INSTANCES.c.checksum)
             .join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
             .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
             .where(_STUDIES.c.study_uid == study_uid)
