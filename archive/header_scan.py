@@ -165,20 +165,24 @@ def _element_header(buf: bytes, offset: int, syntax: _Syntax, tag: int, u16: str
     return raw_vr.decode("ascii"), u16.unpack_from(buf, offset + 6)[0], offset + 8
 
 
+def _tag_at(buf: bytes, offset: int, syntax: _Syntax) -> int:
+    """The tag (group << 16 | element) of the element or item header at ``offset``, with its length in reach."""
+    if offset + 8 > len(buf):
+        raise ScanUnsupported("header larger than the scan window")
+    group, element = syntax.tag.unpack_from(buf, offset)
+    return int(group << 16 | element)
+
+
 def _skip_undefined(buf: bytes, offset: int, syntax: _Syntax) -> int:
     """Skip the items of an undefined-length sequence (or UN) starting at ``offset``; return the offset after it."""
-    size = len(buf)
     while True:
-        if offset + 8 > size:
-            raise ScanUnsupported("header larger than the scan window")
-        group, element = syntax.tag.unpack_from(buf, offset)
-        tag = group << 16 | element
+        tag = _tag_at(buf, offset, syntax)
         length = syntax.u32.unpack_from(buf, offset + 4)[0]
         offset += 8
         if tag == SEQUENCE_DELIMITER:
             return offset
         if tag != ITEM:
-            raise ScanUnsupported(f"expected an item in a sequence, found ({group:04X},{element:04X})")
+            raise ScanUnsupported(f"expected an item in a sequence, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
         if length != UNDEFINED:
             offset += length
             continue
@@ -187,12 +191,8 @@ def _skip_undefined(buf: bytes, offset: int, syntax: _Syntax) -> int:
 
 def _skip_item(buf: bytes, offset: int, syntax: _Syntax) -> int:
     """Skip the elements of an undefined-length item up to and including its delimiter."""
-    size = len(buf)
     while True:
-        if offset + 8 > size:
-            raise ScanUnsupported("header larger than the scan window")
-        group, element = syntax.tag.unpack_from(buf, offset)
-        tag = group << 16 | element
+        tag = _tag_at(buf, offset, syntax)
         if tag == ITEM_DELIMITER:
             return offset + 8
         vr, length, value_offset = _element_header(buf, offset, syntax, tag, syntax.u16, syntax.u32)
