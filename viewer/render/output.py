@@ -47,7 +47,8 @@ class ImageFormat(enum.Enum):
 def crop_source(arr: np.ndarray, viewport: Viewport) -> np.ndarray:
     """The viewport's source region ``sx, sy, sw, sh`` of ``arr`` (PS3.18 §8.3.5.1.2).
 
-    A negative ``sw`` (``sh``) takes the ``|sw|`` columns (rows) ending at ``sx`` (``sy``) and flips them.
+    A negative ``sw`` (``sh``) takes the ``|sw|`` columns (rows) before ``sx`` (``sy``), i.e.
+    ``[sx + sw, sx)``, and flips them.
     """
     rows, cols = arr.shape[:2]
     if viewport.sx >= cols or viewport.sy >= rows:
@@ -62,8 +63,8 @@ def _axis_slice(start: int, length: int | None, size: int) -> slice:
         return slice(start, size)
     if length > 0:
         return slice(start, min(start + length, size))
-    stop = max(start + length, 0)
-    return slice(start, stop - 1 if stop > 0 else None, -1)
+    first = max(start + length, 0)  # the region is [start + length, start), read backwards
+    return slice(start - 1, first - 1 if first > 0 else None, -1)
 
 
 def fit_size(width: int, height: int, vw: int, vh: int) -> tuple[int, int]:

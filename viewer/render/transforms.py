@@ -222,8 +222,9 @@ def apply_window(arr: np.ndarray, window: Window, levels: int = 256) -> np.ndarr
     x = arr.astype(np.float32, copy=False)
     top = np.float32(levels - 1)
     if window.function is VOIFunction.SIGMOID:
-        return (top / (np.float32(1.0) + np.exp(np.float32(-4.0 / window.width) * (x - np.float32(window.center))))
-                ).astype(np.float32)
+        with np.errstate(over="ignore"):  # exp(large) = inf gives level 0, as it should
+            exp = np.exp(np.float32(-4.0 / window.width) * (x - np.float32(window.center)))
+        return (top / (np.float32(1.0) + exp)).astype(np.float32)
     if window.function is VOIFunction.LINEAR:
         center, width = window.center - 0.5, window.width - 1.0
     else:
@@ -287,7 +288,8 @@ class GreyTransform:
         else:
             levels = apply_window(values, default_window(values))
         levels = invert_monochrome1(levels, "MONOCHROME1" if self.monochrome1 else "MONOCHROME2")
-        return np.rint(levels).astype(np.uint8)
+        # Truncate to integer levels, as dcmtk does (the dcmj2pnm tests match it pixel for pixel).
+        return np.floor(levels).astype(np.uint8)
 
 
 def grey_transform(ds: Dataset, window: Window | None = None) -> GreyTransform:
