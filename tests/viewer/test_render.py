@@ -252,7 +252,7 @@ def test_voi_lut_sequence_matches_pydicom():
     lut = voi_lut_in_dataset(ds)
     assert lut is not None
     ours = apply_voi_lut_sequence(pixels, lut)
-    np.testing.assert_allclose(ours, apply_voi(pixels, ds) * (255 / 4095), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(ours, apply_voi(pixels, ds) * (256 / 4096), rtol=0, atol=1e-3)
     assert grey_transform(ds).voi_lut == lut and grey_transform(ds).window is None
 
 
@@ -366,7 +366,7 @@ def test_palette_matches_pydicom(dtype, bits):
     ours = apply_palette(pixels, palette_tables(ds))
     reference = apply_color_lut(pixels, ds).astype(np.float64) * 255 / 65535
     assert ours.dtype == np.uint8 and ours.shape == pixels.shape + (3,)
-    assert np.abs(ours - reference).max() <= 0.5
+    assert np.abs(ours - reference).max() < 1  # the high 8 bits of each 16-bit intensity
 
 
 def test_segmented_palette_is_refused():

@@ -28,7 +28,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options, get_nr_frames
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+                         JPEGExtended12Bit)
 
 from viewer.render.params import RenderError
 
@@ -134,6 +135,23 @@ def mask_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndar
     return arr
 
 
+# JPEG baseline/extended: Pillow's libjpeg(-turbo) upsamples subsampled chroma smoothly ("fancy
+# upsampling", as IJG libjpeg and dcmtk do); pylibjpeg-libjpeg replicates it, up to 14 levels off at edges.
+_PREFER_PILLOW = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+
+
+def _decode(decoder: Any, ds: Dataset, frame: int, options: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One frame, raw (no colour conversion); JPEG through Pillow first when it can (8-bit only)."""
+    if decoder.UID in _PREFER_PILLOW and "pillow" in decoder.available_plugins:
+        try:
+            arr, meta = decoder.as_array(ds, index=frame, raw=True, validate=True, decoding_plugin="pillow", **options)
+            return arr, meta
+        except (ValueError, RuntimeError, OSError) as exc:  # e.g. 12-bit JPEG: the other plugins follow
+            log.debug("render: Pillow could not decode %s (%s), trying pylibjpeg", ds.get("SOPInstanceUID", "?"), exc)
+    arr, meta = decoder.as_array(ds, index=frame, raw=True, validate=True, **options)
+    return arr, meta
+
+
 def decode_frame(src: Source, frame: int = 0) -> tuple[Dataset, Frame]:
     """Decode frame ``frame`` (0-based) of ``src`` and return the dataset with it.
 
@@ -163,7 +181,7 @@ def decode_frame(src: Source, frame: int = 0) -> tuple[Dataset, Frame]:
     options: dict[str, Any] = as_pixel_options(ds)
     options.update(correct_unused_bits=False)  # done below by mask_bits_stored, on every path
     try:
-        arr, meta = decoder.as_array(ds, index=frame, raw=True, validate=True, **options)
+        arr, meta = _decode(decoder, ds, frame, options)
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
         log.warning("render: cannot decode frame %d of %s (%s): %s",
                     frame + 1, ds.get("SOPInstanceUID", "?"), syntax.name, exc)

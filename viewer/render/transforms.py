@@ -250,10 +250,11 @@ def apply_voi_lut_sequence(arr: np.ndarray, lut: LookupTable, levels: int = 256)
     """Modality values → display levels through a VOI LUT (PS3.3 C.11.2.1.1).
 
     Entries are ``0 .. 2**bits - 1`` (bits: third LUT Descriptor value, PS3.3 C.11.2.1.1) and are
-    scaled to ``0 .. levels - 1``. Returns float32.
+    scaled by ``levels / 2**bits``, so that truncation keeps their high bits (what dcmtk shows).
+    Returns float32.
     """
     entries = _lookup(arr, lut).astype(np.float32)
-    return entries * np.float32((levels - 1) / ((1 << lut.bits) - 1))
+    return entries * np.float32(levels / (1 << lut.bits))
 
 
 # ------------------------------------------------------------------------------------ 3. presentation
@@ -385,12 +386,14 @@ def apply_palette(arr: np.ndarray, palette: Sequence[LookupTable]) -> np.ndarray
     """PALETTE COLOR stored values → 8-bit RGB (PS3.3 C.7.6.3.1.5).
 
     Each of the three tables maps a stored value (clipped to its first mapped value and last entry,
-    C.7.6.3.1.5) to a 16- or 8-bit intensity (descriptor's third value), scaled to 0..255 here.
+    C.7.6.3.1.5) to a 16- or 8-bit intensity (descriptor's third value); 16-bit intensities keep their
+    high 8 bits, as for other colour data (:func:`colour_to_8bit`) and as dcmtk does.
     """
     rgb = np.empty(arr.shape + (3,), dtype=np.uint8)
     for channel, lut in enumerate(palette):
-        values = _lookup(arr, lut).astype(np.float32)
-        rgb[..., channel] = np.rint(values * np.float32(255.0 / ((1 << lut.bits) - 1)))
+        table = colour_to_8bit(lut.entries, lut.bits)
+        index = np.clip(arr.astype(np.int64) - lut.first, 0, table.size - 1)
+        rgb[..., channel] = table[index]
     return rgb
 
 
