@@ -343,6 +343,19 @@ def test_ybr_full_422_native_is_upsampled_and_converted():
     np.testing.assert_array_equal(to_display(frame.pixels, ds, photometric=frame.photometric), ybr_to_rgb(ybr))
 
 
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_RCT"])
+def test_jpeg2000_colour(photometric):
+    """Lossless JPEG 2000 colour; with YBR_RCT the decoder undoes the component transform (RGB out)."""
+    from tests.viewer.render_data import colour_picture
+
+    rgb = colour_picture()
+    ds = new_image(rgb, "RGB")
+    ds.compress(JPEG2000Lossless, use_mct=photometric == "YBR_RCT")
+    ds.PhotometricInterpretation = photometric
+    ds, frame = decode_frame(ds)
+    np.testing.assert_array_equal(to_display(frame.pixels, ds, photometric=frame.photometric), rgb)
+
+
 def test_sixteen_bit_rgb_is_scaled_to_eight():
     rgb = np.random.default_rng(6).integers(0, 4096, size=(8, 8, 3)).astype(np.uint16)
     ds = new_image(rgb, "RGB", bits_stored=12)
