@@ -19,7 +19,8 @@ from itertools import islice
 from typing import Any, Iterable, Iterator
 
 import pydicom
-from flask import Blueprint, Response, request, stream_with_context
+from blake3 import blake3
+from flask import Blueprint, Response, current_app, request, stream_with_context
 from flask.typing import ResponseReturnValue
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
@@ -30,7 +31,10 @@ from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import RETURN_KEYS, find
 from archive.service import Expected, IngestError, IngestFailure
 from storage import ObjectNotFound, StorageError
+from viewer.cache import ByteLRU
 from viewer.deps import get_archive
+from viewer.render import (Frame, ImageFormat, RenderError, Viewport, Window, decode_frame, load_dataset,
+                           number_of_frames, parse_viewport, parse_window, render_display)
 from viewer.multipart import MediaType, MultipartError, new_boundary, read_parts, split_media_ranges, write_parts
 
 log = logging.getLogger(__name__)
@@ -480,3 +484,164 @@ def _failed_item(path: Any, reason: int, message: str) -> tuple[dict[str, Any], 
         "00081197": {"vr": "US", "Value": [reason]},
     }
     return item, message
+
+
+# -- Retrieve Rendered and thumbnails (PS3.18 §10.4.1.1.3, §8.3.5) ------------------------
+
+THUMBNAIL_VIEWPORT = "128,128"
+THUMBNAIL_QUALITY = 75
+IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under the same checksum
+
+
+def _render_caches() -> tuple[ByteLRU[tuple[Any, Frame]], ByteLRU[bytes]]:
+    """(decoded frames, rendered images) of this web process, sharing the configured budget."""
+    app = current_app
+    caches = app.extensions.get("telepacs_render_caches")
+    if caches is None:
+        budget = int(app.config["TELEPACS_SETTINGS"].render_cache_mb) << 20
+        frames: ByteLRU[tuple[Any, Frame]] = ByteLRU(budget * 3 // 4,
+                                                      lambda item: int(item[1].pixels.nbytes) + 64 * 1024)
+        images: ByteLRU[bytes] = ByteLRU(budget // 4, len)
+        caches = (frames, images)
+        app.extensions["telepacs_render_caches"] = caches
+    return caches  # type: ignore[no-any-return]
+
+
+def _render_format() -> ImageFormat:
+    accept = request.headers.get("Accept", "")
+    if not accept.strip():
+        return ImageFormat.JPEG
+    for media in split_media_ranges(accept):
+        if media.type in ("*/*", "image/*"):
+            return ImageFormat.JPEG
+        if media.type in ("image/jpeg", "image/png", "image/webp"):
+            return ImageFormat.parse(media.type)
+    raise NotAcceptable(f"cannot render as {accept!r}; ask for image/jpeg, image/png or image/webp")
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    window: Window | None
+    viewport: Viewport | None
+    quality: int
+    fmt: ImageFormat
+
+    def key(self) -> str:
+        return f"{self.window}|{self.viewport}|{self.quality}|{self.fmt.value}"
+
+
+def _render_request(default_viewport: str | None = None, default_quality: int = 90) -> RenderRequest:
+    try:
+        window = parse_window(request.args["window"]) if request.args.get("window") else None
+        viewport_text = request.args.get("viewport") or default_viewport
+        viewport = parse_viewport(viewport_text) if viewport_text else None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    quality = _non_negative("quality", request.args.get("quality", str(default_quality)))
+    if not 1 <= quality <= 100:
+        raise BadRequest("quality must be between 1 and 100")
+    return RenderRequest(window, viewport, quality, _render_format())
+
+
+def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> ResponseReturnValue:
+    """Frame ``frame_number`` (1-based) of an instance, rendered, with ETag and the caches."""
+    etag = blake3(f"{loc.checksum}|{frame_number}|{wanted.key()}".encode()).hexdigest()[:32]
+    if etag in request.if_none_match:
+        return Response(status=304, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
+    frames, images = _render_caches()
+    image = images.get(etag)
+    if image is None:
+        decoded = frames.get((loc.checksum, frame_number))
+        if decoded is None:
+            with get_archive().store.open(loc.object_key) as f:
+                data = f.read()
+            try:
+                dataset = load_dataset(data)
+                count = number_of_frames(dataset)
+                if not 1 <= frame_number <= count:
+                    return error(404, f"instance {loc.sop_instance_uid} has {count} frame(s), not {frame_number}")
+                decoded = decode_frame(dataset, frame_number - 1)
+            except RenderError as exc:
+                log.warning("cannot render %s frame %d: %s", loc.sop_instance_uid, frame_number, exc)
+                return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")
+            frames.put((loc.checksum, frame_number), decoded)
+        dataset, frame = decoded
+        try:
+            image = render_display(dataset, frame, wanted.window, wanted.viewport, wanted.fmt, wanted.quality)
+        except RenderError as exc:
+            return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")
+        images.put(etag, image)
+    return Response(image, mimetype=wanted.fmt.media_type, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
+
+
+def _representative(study: str, series: str | None) -> InstanceLocation | None:
+    """The instance that stands for a series (its middle slice) or a study (that of its first series)."""
+    locations = _locations(study, series)
+    if not locations:
+        return None
+    first_series = locations[0].series_uid
+    in_series = [loc for loc in locations if loc.series_uid == first_series]
+    return in_series[len(in_series) // 2]
+
+
+def _rendered_instance(study: str, series: str, instance: str, frame: int,
+                       wanted: RenderRequest) -> ResponseReturnValue:
+    locations = _locations(study, series, instance)
+    if not locations:
+        return _not_found(study, series, instance)
+    return _render(locations[0], frame, wanted)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
+def rendered_instance(study: str, series: str, instance: str) -> ResponseReturnValue:
+    try:
+        return _rendered_instance(study, series, instance, 1, _render_request())
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<int:frame>/rendered")
+def rendered_frame(study: str, series: str, instance: str, frame: int) -> ResponseReturnValue:
+    try:
+        return _rendered_instance(study, series, instance, frame, _render_request())
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+
+
+@bp.get("/studies/<study>/series/<series>/rendered")
+def rendered_series(study: str, series: str) -> ResponseReturnValue:
+    """The series' middle instance, rendered (a single image, not every instance)."""
+    try:
+        wanted = _render_request()
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+    loc = _representative(study, series)
+    return _render(loc, 1, wanted) if loc else _not_found(study, series, None)
+
+
+def _thumbnail(study: str, series: str | None = None, instance: str | None = None) -> ResponseReturnValue:
+    try:
+        wanted = _render_request(THUMBNAIL_VIEWPORT, THUMBNAIL_QUALITY)
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+    if instance is not None and series is not None:
+        found = _locations(study, series, instance)
+        loc = found[0] if found else None
+    else:
+        loc = _representative(study, series)
+    return _render(loc, 1, wanted) if loc else _not_found(study, series, instance)
+
+
+@bp.get("/studies/<study>/thumbnail")
+def study_thumbnail(study: str) -> ResponseReturnValue:
+    return _thumbnail(study)
+
+
+@bp.get("/studies/<study>/series/<series>/thumbnail")
+def series_thumbnail(study: str, series: str) -> ResponseReturnValue:
+    return _thumbnail(study, series)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/thumbnail")
+def instance_thumbnail(study: str, series: str, instance: str) -> ResponseReturnValue:
+    return _thumbnail(study, series, instance)

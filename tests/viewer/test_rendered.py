@@ -1,0 +1,152 @@
+"""WADO-RS Retrieve Rendered and thumbnails over a real gunicorn: the viewer.render pipeline behind HTTP."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from helpers import CT_RAW_DIR, TS_DIR, dicom_files
+from tests.viewer.test_dicomweb import _stow, _uids
+from viewer.render import render_frame
+
+
+def _multiframe(path, frames: int = 4):
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "MF1", "OT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 24, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    pixels = np.stack([np.full((16, 24), 1000 * (n + 1), dtype=np.uint16) for n in range(frames)])
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _url(web, path, *tail: str) -> str:
+    study, series, sop = _uids(path)
+    return "/".join([web.dicomweb, "studies", study, "series", series, "instances", sop, *tail])
+
+
+def _image(response: requests.Response) -> Image.Image:
+    return Image.open(io.BytesIO(response.content))
+
+
+@pytest.fixture
+def loaded(web, ct_part10_dir):
+    ct = sorted(ct_part10_dir.glob("*.dcm"))
+    assert _stow(web, ct + dicom_files(TS_DIR)).status_code == 200
+    return web, ct
+
+
+def test_rendered_instance_is_the_pipeline_output(loaded):
+    web, ct = loaded
+    response = requests.get(_url(web, ct[0], "rendered") + "?window=40,400", timeout=30)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/jpeg"
+    assert response.content == render_frame(ct[0].read_bytes(), 0, "40,400")
+    assert _image(response).size == (512, 512)
+    assert "max-age" in response.headers["Cache-Control"]
+
+
+def test_every_transfer_syntax_renders(loaded):
+    web, _ = loaded
+    for path in dicom_files(TS_DIR):
+        response = requests.get(_url(web, path, "rendered"), timeout=30, headers={"Accept": "image/png"})
+        assert response.status_code == 200, (path.name, response.text)
+        assert response.headers["Content-Type"] == "image/png"
+        assert response.content == render_frame(path.read_bytes(), 0, fmt="png")
+
+
+def test_viewport_quality_formats_and_window_change_the_image(loaded):
+    web, ct = loaded
+    url = _url(web, ct[0], "rendered")
+    small = requests.get(url + "?viewport=256,256&quality=60", timeout=30)
+    assert _image(small).size == (256, 256)
+    webp = requests.get(url, timeout=30, headers={"Accept": "image/webp"})
+    assert webp.headers["Content-Type"] == "image/webp" and _image(webp).format == "WEBP"
+    bone = requests.get(url + "?window=500,2000", timeout=30).content
+    brain = requests.get(url + "?window=40,80", timeout=30).content
+    assert bone != brain
+
+
+def test_etag_and_conditional_get(loaded):
+    web, ct = loaded
+    url = _url(web, ct[1], "rendered") + "?window=40,400"
+    first = requests.get(url, timeout=30)
+    etag = first.headers["ETag"]
+    again = requests.get(url, timeout=30, headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    other = requests.get(_url(web, ct[1], "rendered") + "?window=40,401", timeout=30)
+    assert other.headers["ETag"] != etag
+
+
+def test_frames_of_a_multiframe(web, tmp_path):
+    path = _multiframe(tmp_path / "mf.dcm")
+    assert _stow(web, [path]).status_code == 200
+    levels = []
+    for number in (1, 2, 4):
+        response = requests.get(_url(web, path, "frames", str(number), "rendered"), timeout=30,
+                                headers={"Accept": "image/png"})
+        assert response.status_code == 200
+        levels.append(int(np.asarray(_image(response)).mean()))
+    assert levels == sorted(levels) and len(set(levels)) == 3  # frame n holds 1000 * n: brighter each time
+    missing = requests.get(_url(web, path, "frames", "5", "rendered"), timeout=30)
+    assert missing.status_code == 404 and "4 frame(s)" in missing.json()["error"]
+
+
+def test_thumbnails_and_series_rendered(loaded):
+    web, ct = loaded
+    study, series, _ = _uids(ct[0])
+    for url in (f"{web.dicomweb}/studies/{study}/thumbnail",
+                f"{web.dicomweb}/studies/{study}/series/{series}/thumbnail",
+                _url(web, ct[3], "thumbnail")):
+        response = requests.get(url, timeout=30)
+        assert response.status_code == 200, response.text
+        assert max(_image(response).size) == 128
+    series_image = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/rendered", timeout=30)
+    assert series_image.status_code == 200 and _image(series_image).size == (512, 512)
+
+
+@pytest.mark.parametrize("query, status, words", [
+    ("?window=abc", 400, "window"),
+    ("?window=40,0", 400, "width"),
+    ("?viewport=0,10", 400, "viewport"),
+    ("?quality=0", 400, "quality"),
+    ("?quality=high", 400, "quality"),
+])
+def test_bad_render_parameters(loaded, query, status, words):
+    web, ct = loaded
+    response = requests.get(_url(web, ct[0], "rendered") + query, timeout=30)
+    assert response.status_code == status
+    assert words in response.json()["error"].lower()
+
+
+def test_unknown_instance_and_unacceptable_media(loaded):
+    web, ct = loaded
+    study, series, _ = _uids(ct[0])
+    unknown = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/1.2.3.{uuid.uuid4().int % 999}"
+                           "/rendered", timeout=30)
+    assert unknown.status_code == 404
+    html = requests.get(_url(web, ct[0], "rendered"), timeout=30, headers={"Accept": "text/html"})
+    assert html.status_code == 406
+
+
+def test_raw_ct_testdata_is_what_was_wrapped(ct_part10_dir):
+    # the fixture wraps ../shared/testdata's raw CT datasets unchanged: the rendered tests above use real data
+    raw = dicom_files(CT_RAW_DIR)[0]
+    wrapped = ct_part10_dir / (raw.stem + ".dcm")
+    assert wrapped.read_bytes().endswith(raw.read_bytes())
+    assert pydicom.dcmread(wrapped).Modality == "CT"
