@@ -645,3 +645,99 @@ def series_thumbnail(study: str, series: str) -> ResponseReturnValue:
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/thumbnail")
 def instance_thumbnail(study: str, series: str, instance: str) -> ResponseReturnValue:
     return _thumbnail(study, series, instance)
+
+
+# -- frames (PS3.18 §10.4.1.1.2, media types §8.7.3) ---------------------------------------
+
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+# Stored (compressed) transfer syntax -> the media type of its frames (PS3.18 Table 8.7.3-2).
+FRAME_MEDIA_TYPES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def frames_as_stored(accept: str, stored_syntax: str) -> bool:
+    """Whether an Accept header wants frames as stored (True) or uncompressed (False); else NotAcceptable.
+
+    Uncompressed frames are ``application/octet-stream`` in Explicit VR Little Endian byte order, the
+    default; compressed frames go out as stored when asked for with their media type or ``transfer-syntax=*``.
+    """
+    compressed = stored_syntax in FRAME_MEDIA_TYPES
+    if not accept.strip():
+        return False
+    for media in split_media_ranges(accept):
+        if media.type in ("*/*", "multipart/*"):
+            return False
+        if media.type != "multipart/related":
+            continue
+        part_type = media.params.get("type", "application/octet-stream")
+        syntax = media.params.get("transfer-syntax")
+        if part_type in ("*/*", "application/*"):
+            return False  # any type will do: the uncompressed default
+        if part_type == "application/octet-stream":
+            if syntax in (None, EXPLICIT_VR_LE):
+                return False
+            if syntax == "*":
+                return compressed
+        elif compressed and part_type == FRAME_MEDIA_TYPES[stored_syntax] and syntax in (None, "*", stored_syntax):
+            return True
+    raise NotAcceptable(f"cannot send the frames of this instance (stored as {stored_syntax}) as {accept!r}; "
+                        'ask for multipart/related; type="application/octet-stream" (uncompressed)'
+                        + (f' or type="{FRAME_MEDIA_TYPES[stored_syntax]}"' if compressed else ""))
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``1,3,5`` -> [1, 3, 5] (1-based frame numbers, PS3.18 §10.4.1.1.2)."""
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise BadRequest(f"frame list {text!r} must be numbers separated by commas") from None
+    if not numbers or min(numbers) < 1:
+        raise BadRequest(f"frame numbers start at 1, not {min(numbers) if numbers else 'nothing'}")
+    return numbers
+
+
+def frame_bytes(ds: pydicom.Dataset, number: int, as_stored: bool) -> bytes:
+    """Frame ``number`` (1-based): its stored fragments, or its values as uncompressed little-endian bytes."""
+    count = number_of_frames(ds)
+    if as_stored:
+        return bytes(pydicom.encaps.get_frame(ds.PixelData, number - 1, number_of_frames=count))
+    pixels = pydicom.pixels.pixel_array(ds, index=number - 1, raw=True)
+    return bytes(pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<frame_list>")
+def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> ResponseReturnValue:
+    numbers = parse_frame_list(frame_list)
+    locations = _locations(study, series, instance)
+    if not locations:
+        return _not_found(study, series, instance)
+    loc = locations[0]
+    try:
+        as_stored = frames_as_stored(request.headers.get("Accept", ""), loc.transfer_syntax_uid)
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+    with get_archive().store.open(loc.object_key) as f:
+        ds = load_dataset(f.read())
+    count = number_of_frames(ds)
+    if "PixelData" not in ds:
+        return error(404, f"instance {instance} has no pixel data")
+    if max(numbers) > count:
+        return error(404, f"instance {instance} has {count} frame(s), not {max(numbers)}")
+    if as_stored:
+        content_type = f"{FRAME_MEDIA_TYPES[loc.transfer_syntax_uid]}; transfer-syntax={loc.transfer_syntax_uid}"
+    else:
+        content_type = f"application/octet-stream; transfer-syntax={EXPLICIT_VR_LE}"
+    try:
+        frames = [frame_bytes(ds, n, as_stored) for n in numbers]
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        log.warning("frames %s of %s cannot be decoded: %s", frame_list, instance, exc)
+        return error(422, f"the frames of instance {instance} cannot be decoded: {exc}")
+    boundary = new_boundary()
+    part_type = "application/octet-stream" if not as_stored else FRAME_MEDIA_TYPES[loc.transfer_syntax_uid]
+    body = b"".join(write_parts(((content_type, [frame]) for frame in frames), boundary))
+    return Response(body, content_type=f'multipart/related; type="{part_type}"; boundary={boundary}')

@@ -150,3 +150,53 @@ def test_raw_ct_testdata_is_what_was_wrapped(ct_part10_dir):
     wrapped = ct_part10_dir / (raw.stem + ".dcm")
     assert wrapped.read_bytes().endswith(raw.read_bytes())
     assert pydicom.dcmread(wrapped).Modality == "CT"
+
+
+# -- frames ------------------------------------------------------------------------------
+
+
+def test_uncompressed_frames_with_dicomweb_client(web, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+
+    files = dicom_files(TS_DIR)
+    assert _stow(web, files).status_code == 200
+    client = DICOMwebClient(url=web.dicomweb)
+    for path in files:
+        study, series, sop = _uids(path)
+        (frame,) = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1])
+        expected = pydicom.pixels.pixel_array(pydicom.dcmread(path), index=0, raw=True)
+        assert frame == expected.astype(expected.dtype.newbyteorder("<")).tobytes(), path.name
+
+
+def test_frames_as_stored_and_several_frames(web, tmp_path):
+    jpeg_ls = TS_DIR / "7.dcm"
+    ds = pydicom.dcmread(jpeg_ls)
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.80"
+    mf = _multiframe(tmp_path / "mf.dcm")
+    assert _stow(web, [jpeg_ls, mf]).status_code == 200
+    stored = requests.get(_url(web, jpeg_ls, "frames", "1"), timeout=30, headers={
+        "Accept": 'multipart/related; type="image/jls"'})
+    assert stored.status_code == 200
+    fragment = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    assert fragment in stored.content and b"Content-Type: image/jls; transfer-syntax=1.2.840.10008.1.2.4.80" \
+        in stored.content
+    two = requests.get(_url(web, mf, "frames", "2,4"), timeout=30)
+    assert two.status_code == 200
+    frames = pydicom.pixels.pixel_array(pydicom.dcmread(mf), raw=True)
+    assert frames[1].tobytes() in two.content and frames[3].tobytes() in two.content
+    assert frames[0].tobytes() not in two.content
+
+
+@pytest.mark.parametrize("tail, accept, status", [
+    ("frames/0", None, 400),
+    ("frames/1,x", None, 400),
+    ("frames/9", None, 404),
+    ("frames/1", 'multipart/related; type="image/jp2"', 406),
+])
+def test_frame_errors(web, tmp_path, tail, accept, status):
+    path = _multiframe(tmp_path / "mf.dcm")
+    assert _stow(web, [path]).status_code == 200
+    response = requests.get(_url(web, path, *tail.split("/")), timeout=30,
+                            headers={"Accept": accept} if accept else {})
+    assert response.status_code == status
+    assert response.json()["error"]
