@@ -108,6 +108,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     render_cache_mb: int = 256  # per web process: decoded frames and rendered images (LRU)
+    public_url: str = ""  # how clients reach the web app (e.g. behind a proxy); empty: from each request's Host
     db_url: str = ""
     storage_url: str = ""
     allowed_callers: tuple[AllowedCaller, ...] = ()
@@ -156,6 +157,13 @@ def _bool(name: str, value: object) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _public_url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"public URL must start with http:// or https://, not {value!r}")
+    return value
 
 
 def _non_negative_int(name: str, value: object) -> int:
@@ -314,7 +322,8 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
                   "fast_store": "dicom_fast_store",
                   "allowed_callers": "allowed_callers", "facilities": "facilities",
                   "destinations": "move_destinations"},
-        "http": {"host": "http_host", "port": "http_port", "render_cache_mb": "render_cache_mb"},
+        "http": {"host": "http_host", "port": "http_port", "render_cache_mb": "render_cache_mb",
+                 "public_url": "public_url"},
         "index": {"url": "db_url"},
         "storage": {"url": "storage_url"},
         "ingest": {"duplicate_policy": "duplicate_policy"},
@@ -344,6 +353,7 @@ _ENV_NAMES = {
     "HTTP_HOST": "http_host",
     "HTTP_PORT": "http_port",
     "RENDER_CACHE_MB": "render_cache_mb",
+    "PUBLIC_URL": "public_url",
     "DB_URL": "db_url",
     "STORAGE_URL": "storage_url",
     "ALLOWED_CALLERS": "allowed_callers",
@@ -416,6 +426,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         http_host=str(raw.get("http_host", "127.0.0.1")),
         http_port=_port("HTTP port", raw.get("http_port", 8042)),
         render_cache_mb=_non_negative_int("render cache MB", raw.get("render_cache_mb", 256)),
+        public_url=_public_url(str(raw.get("public_url", ""))),
         db_url=str(raw.get("db_url") or f"sqlite:///{data_dir / 'index.sqlite3'}"),
         storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),
         allowed_callers=_parse_callers(raw.get("allowed_callers", [])),

@@ -122,7 +122,9 @@ def _url(*uids: str) -> str:
         parts += ["series", uids[1]]
     if len(uids) > 2:
         parts += ["instances", uids[2]]
-    return request.host_url.rstrip("/") + bp.url_prefix + "/" + "/".join(parts)  # type: ignore[operator]
+    # A configured public URL wins: behind a proxy, or for clients (dicomweb-client) that send Host without the port.
+    base = current_app.config["TELEPACS_SETTINGS"].public_url or request.host_url.rstrip("/")
+    return base + bp.url_prefix + "/" + "/".join(parts)  # type: ignore[operator]
 
 
 def _retrieve_url(level: Level, row: dict[str, Any]) -> str | None:
@@ -382,10 +384,16 @@ def _metadata(study: str, series: str | None = None, instance: str | None = None
         for loc in locations:
             with archive.store.open(loc.object_key) as f:
                 ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=64 * 1024)
-            # Pixel data is left out until the bulk data and frames resources exist;
-            # other binary values are inline (InlineBinary). Real files carry values
-            # that cannot be encoded (e.g. "P1:" as a DS): those elements are left out.
-            yield ds.to_json_dict(suppress_invalid_tags=True)
+            # Binary values are inline (InlineBinary), except the pixel data, which is
+            # referenced by its BulkDataURI. Real files carry values that cannot be
+            # encoded (e.g. "P1:" as a DS): those elements are left out.
+            attributes = ds.to_json_dict(suppress_invalid_tags=True)
+            if "Rows" in ds:
+                vr = "OW" if loc.transfer_syntax_uid not in FRAME_MEDIA_TYPES and int(ds.get("BitsAllocated", 8)) > 8 \
+                    else "OB"
+                url = _url(loc.study_uid, loc.series_uid, loc.sop_instance_uid) + "/bulkdata/7FE00010"
+                attributes["7FE00010"] = {"vr": vr, "BulkDataURI": url}
+            yield attributes
 
     return Response(stream_with_context(_json_stream(objects())), mimetype=DICOM_JSON)
 
@@ -741,3 +749,34 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
     part_type = "application/octet-stream" if not as_stored else FRAME_MEDIA_TYPES[loc.transfer_syntax_uid]
     body = b"".join(write_parts(((content_type, [frame]) for frame in frames), boundary))
     return Response(body, content_type=f'multipart/related; type="{part_type}"; boundary={boundary}')
+
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/bulkdata/<tag>")
+def retrieve_bulkdata(study: str, series: str, instance: str, tag: str) -> ResponseReturnValue:
+    """A top-level binary value (e.g. the pixel data 7FE00010) as application/octet-stream (PS3.18 §10.4.1.1.5).
+
+    Encapsulated pixel data comes back frame by frame, each part in its stored media type.
+    """
+    if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
+        raise BadRequest(f"bulk data tag {tag!r} must be 8 hex digits, e.g. 7FE00010")
+    locations = _locations(study, series, instance)
+    if not locations:
+        return _not_found(study, series, instance)
+    loc = locations[0]
+    with get_archive().store.open(loc.object_key) as f:
+        ds = load_dataset(f.read())
+    element = ds.get(Tag(int(tag, 16)))
+    if element is None or element.VR not in ("OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW"):
+        return error(404, f"instance {instance} has no bulk data element {tag.upper()}")
+    boundary = new_boundary()
+    syntax = loc.transfer_syntax_uid
+    if element.tag == 0x7FE00010 and syntax in FRAME_MEDIA_TYPES:
+        media = FRAME_MEDIA_TYPES[syntax]
+        frames = [frame_bytes(ds, n, as_stored=True) for n in range(1, number_of_frames(ds) + 1)]
+        body = b"".join(write_parts(((f"{media}; transfer-syntax={syntax}", [frame]) for frame in frames), boundary))
+        return Response(body, content_type=f'multipart/related; type="{media}"; boundary={boundary}')
+    value = bytes(element.value or b"")
+    content_type = f"application/octet-stream; transfer-syntax={syntax}"
+    body = b"".join(write_parts([(content_type, [value])], boundary))
+    return Response(body, content_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')

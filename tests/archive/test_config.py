@@ -170,3 +170,15 @@ def test_forward_rule_tables_are_checked(tmp_path):
     cfg.write_text("[dicom.destinations]\nHUB = \"h:104\"\n[[forward.rules]]\ndestination = \"HUB\"\nmodalty = \"CT\"\n")
     with pytest.raises(ConfigError, match="unknown setting in a forward rule: modalty"):
         load_settings(cfg, env={})
+
+
+def test_public_url_and_render_cache(tmp_path):
+    from archive.config import ConfigError, load_settings
+
+    settings = load_settings(env={"TELEPACS_PUBLIC_URL": "https://pacs.bv-huyen.vn/", "TELEPACS_RENDER_CACHE_MB": "64"},
+                             data_dir=str(tmp_path))
+    assert settings.public_url == "https://pacs.bv-huyen.vn" and settings.render_cache_mb == 64
+    with pytest.raises(ConfigError, match="public URL"):
+        load_settings(env={"TELEPACS_PUBLIC_URL": "pacs.local"}, data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="render cache"):
+        load_settings(env={"TELEPACS_RENDER_CACHE_MB": "-5"}, data_dir=str(tmp_path))

@@ -50,7 +50,8 @@ def web(tmp_path: Path) -> Iterator[WebServer]:
     """telepacs' web app under gunicorn (gthread workers, as `telepacs serve` runs it) on a free port."""
     archive = Archive.open(make_settings(tmp_path))  # creates the schema, as `telepacs serve` does
     port = free_port()
-    env = dict(os.environ, TELEPACS_DATA_DIR=str(archive.settings.data_dir), TELEPACS_HTTP_PORT=str(port))
+    env = dict(os.environ, TELEPACS_DATA_DIR=str(archive.settings.data_dir), TELEPACS_HTTP_PORT=str(port),
+               TELEPACS_PUBLIC_URL=f"http://127.0.0.1:{port}")
     for name in ("TELEPACS_CONFIG", "TELEPACS_DB_URL", "TELEPACS_STORAGE_URL"):
         env.pop(name, None)
     log = tmp_path / "gunicorn.log"

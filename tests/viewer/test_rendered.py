@@ -200,3 +200,26 @@ def test_frame_errors(web, tmp_path, tail, accept, status):
                             headers={"Accept": accept} if accept else {})
     assert response.status_code == status
     assert response.json()["error"]
+
+
+def test_metadata_pixel_data_is_bulk_data_by_uri(web):
+    from dicomweb_client.api import DICOMwebClient
+
+    native, jpeg_ls = TS_DIR / "1.dcm", TS_DIR / "7.dcm"
+    assert _stow(web, [native, jpeg_ls]).status_code == 200
+    client = DICOMwebClient(url=web.dicomweb)
+    for path in (native, jpeg_ls):
+        study, series, sop = _uids(path)
+        metadata = client.retrieve_instance_metadata(study, series, sop)
+        uri = metadata["7FE00010"]["BulkDataURI"]
+        assert uri.endswith(f"/instances/{sop}/bulkdata/7FE00010")
+        parts = client.retrieve_bulkdata(uri)
+        ds = pydicom.dcmread(path)
+        if path is native:
+            assert parts == [ds.PixelData]
+        else:
+            assert parts == [pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)]
+    study, series, sop = _uids(native)
+    missing = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}/bulkdata/00100010",
+                           timeout=30)
+    assert missing.status_code == 404
