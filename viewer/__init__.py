@@ -22,6 +22,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(dicomweb)
 
+    @app.get("/openapi.json")
+    def openapi() -> ResponseReturnValue:
+        from viewer.openapi import openapi_document
+
+        return jsonify(openapi_document())
+
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
         return jsonify(status="ok", ae_title=app.config["TELEPACS_SETTINGS"].ae_title)
