@@ -223,3 +223,17 @@ def test_metadata_pixel_data_is_bulk_data_by_uri(web):
     missing = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}/bulkdata/00100010",
                            timeout=30)
     assert missing.status_code == 404
+
+
+def test_rendered_with_dicomweb_client(loaded):
+    from dicomweb_client.api import DICOMwebClient
+
+    web, ct = loaded
+    client = DICOMwebClient(url=web.dicomweb)
+    study, series, sop = _uids(ct[2])
+    image = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",),
+                                              params={"window": "40,400"})
+    assert image == render_frame(ct[2].read_bytes(), 0, "40,400", fmt="png")
+    frame_image = client.retrieve_instance_frames_rendered(study, series, sop, frame_numbers=[1],
+                                                           media_types=("image/jpeg",))
+    assert Image.open(io.BytesIO(frame_image)).size == (512, 512)
