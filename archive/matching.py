@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
 
-from sqlalchemy import Boolean, ColumnElement, Select, and_, bindparam, or_, select, true
+from sqlalchemy import Boolean, ColumnElement, Select, and_, bindparam, exists, or_, select, true
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -344,12 +344,17 @@ def _modalities_in_study(value: str) -> ColumnElement[bool]:
 
     Matched on the series rows rather than on the backslash-joined
     ``studies.modalities_in_study``, where a wildcard could straddle two
-    modalities (``M*T`` would match ``MR\\CT``).
+    modalities (``M*T`` would match ``MR\\CT``). Written as a correlated
+    ``EXISTS`` on ``ix_series_study_modality`` so that a more selective key
+    (a date, a patient) drives the plan: an ``IN (SELECT study_fk …)`` made
+    SQLite read every series of the modality (a third of the index) first.
     """
     wanted = [v.strip(" \0") for v in value.split("\\")]
     if any(is_universal(v) for v in wanted):
         return universal_match()
-    return Study.id.in_(select(Series.study_fk).where(or_(*(text_match(Series.modality, v) for v in wanted))))
+    other = aliased(Series)  # not the outer query's series row (a SERIES-level query has one)
+    return exists().where(other.study_fk == Study.id,
+                          or_(*(text_match(other.modality, v) for v in wanted))).correlate(Study)
 
 
 # -- attributes and queries ----------------------------------------------------
