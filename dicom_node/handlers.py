@@ -8,6 +8,7 @@ parsing here: that is the archive's job.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
@@ -441,6 +443,27 @@ def _sub_operations(event: Event, archive: Archive, matches: list[_Match], what:
     log.info("%s: %d sub-operations", what, len(matches))
 
 
+def no_delay(event: Event) -> None:
+    """EVT_CONN_OPEN of an association we open: TCP_NODELAY on its socket.
+
+    pynetdicom leaves Nagle's algorithm on for the sockets it connects. On
+    the C-MOVE sub-association each C-STORE then waited for the peer's
+    delayed ACK (~40 ms an instance: 25 instances/s instead of hundreds).
+    """
+    assoc_socket = getattr(event.assoc.dul, "socket", None)
+    sock = getattr(assoc_socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _destination_options(contexts: list[PresentationContext]) -> dict[str, Any]:
+    """``AE.associate`` keyword arguments for the association with a move destination."""
+    options: dict[str, Any] = {"evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)]}
+    if contexts:
+        options["contexts"] = contexts
+    return options
+
+
 def _refuse_move(destination: tuple[str, int], status: int) -> Iterator[Any]:
     """The yields of a C-MOVE answered with a failure ``status``.
 
@@ -449,7 +472,7 @@ def _refuse_move(destination: tuple[str, int], status: int) -> Iterator[Any]:
     Verification), so a refused identifier still costs that association; if
     the destination does not answer, the peer gets 0xA801 instead.
     """
-    yield destination[0], destination[1], {"contexts": [build_context(Verification)]}
+    yield destination[0], destination[1], _destination_options([build_context(Verification)])
     yield 1
     yield status, None
 
@@ -489,7 +512,7 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
     what = f"C-MOVE {model_name} {level.value} from {ae_title}@{host} to {destination_ae}"
     log.info("%s: %d instances to %s:%d", what, len(matches), *destination)
     contexts = _contexts(matches)
-    yield destination[0], destination[1], {"contexts": contexts} if contexts else {}
+    yield destination[0], destination[1], _destination_options(contexts)
     yield len(matches)
     yield from _sub_operations(event, archive, matches, what)
 
