@@ -42,6 +42,7 @@ from archive.index import Source
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey, parse_level
 from archive.query import find
 from archive.service import Archive, Expected, IngestError, IngestFailure
+from dicom_node import polling
 from storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -443,22 +444,25 @@ def _sub_operations(event: Event, archive: Archive, matches: list[_Match], what:
     log.info("%s: %d sub-operations", what, len(matches))
 
 
-def no_delay(event: Event) -> None:
-    """EVT_CONN_OPEN of an association we open: TCP_NODELAY on its socket.
+def prepare_destination_association(event: Event) -> None:
+    """EVT_CONN_OPEN of the association with a move destination: TCP_NODELAY, and a guarded reactor.
 
-    pynetdicom leaves Nagle's algorithm on for the sockets it connects. On
-    the C-MOVE sub-association each C-STORE then waited for the peer's
-    delayed ACK (~40 ms an instance: 25 instances/s instead of hundreds).
+    pynetdicom leaves Nagle's algorithm on for the sockets it connects; each
+    C-STORE sub-operation then waited for the peer's delayed ACK (~40 ms an
+    instance). With responses that fast, pynetdicom's requestor pause race
+    would lose sub-operations, hence :func:`dicom_node.polling.guard_requestor`
+    (which also gives the association the event-driven DUL wait).
     """
     assoc_socket = getattr(event.assoc.dul, "socket", None)
     sock = getattr(assoc_socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    polling.guard_requestor(event.assoc)
 
 
 def _destination_options(contexts: list[PresentationContext]) -> dict[str, Any]:
     """``AE.associate`` keyword arguments for the association with a move destination."""
-    options: dict[str, Any] = {"evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)]}
+    options: dict[str, Any] = {"evt_handlers": [(evt.EVT_CONN_OPEN, prepare_destination_association)]}
     if contexts:
         options["contexts"] = contexts
     return options
