@@ -14,8 +14,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from archive.matching import Level, MatchKey, build_query
+from archive.models import Patient, Study
+from archive.query import find
 from archive.service import Archive
 from helpers import REPO
 
@@ -71,3 +74,20 @@ def test_pattern_indexes_exist_only_on_postgresql(archive: Archive) -> None:
             names = {row[0] for row in conn.exec_driver_sql(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'patients'")}
     assert ("ix_patients_name_folded_pattern" in names) is (engine.dialect.name == "postgresql"), names
+
+
+def test_a_family_name_prefix_does_not_drive_a_dated_query(loaded: Archive) -> None:
+    """``TRAN*`` matches a tenth of the patients: a month of study dates is the way in."""
+    plan = _plan(loaded, {"PatientName": "TRAN*", "StudyDate": "20200101-20200131"})
+    assert "ix_studies_date_time" in plan, plan
+    assert "ix_patients_patient_name_folded" not in plan, plan
+
+
+def test_family_name_prefix_still_matches_alone(loaded: Archive) -> None:
+    """The planner hint changes the plan only: a family prefix alone finds what a full scan would."""
+    rows = list(find(loaded.index, Level.STUDY, [MatchKey("PatientName", "TRAN*", fuzzy=True),
+                                                 MatchKey("StudyInstanceUID", "")]))
+    with loaded.index.session() as session:
+        expected = session.scalars(select(Study.study_uid).join(Patient, Study.patient_fk == Patient.id)
+                                   .where(Patient.patient_name_folded.startswith("tran"))).all()
+    assert expected and sorted(str(r["StudyInstanceUID"]) for r in rows) == sorted(expected)
