@@ -91,3 +91,18 @@ def test_family_name_prefix_still_matches_alone(loaded: Archive) -> None:
         expected = session.scalars(select(Study.study_uid).join(Patient, Study.patient_fk == Patient.id)
                                    .where(Patient.patient_name_folded.startswith("tran"))).all()
     assert expected and sorted(str(r["StudyInstanceUID"]) for r in rows) == sorted(expected)
+
+
+def test_parents_already_joined_by_the_matching_are_not_joined_again(loaded: Archive) -> None:
+    """A PatientName key joins patients once: the rows load from that join (no second, unfiltered join)."""
+    from archive.query import _with_parents
+
+    engine = loaded.index.engine
+    for level, keys in [(Level.STUDY, [MatchKey("PatientName", "Nguyễn^Văn*", fuzzy=True)]),
+                        (Level.IMAGE, [MatchKey("PatientID", "P00000001"), MatchKey("Modality", "CT")]),
+                        (Level.STUDY, [MatchKey("StudyDate", "20200101")])]:
+        sql = str(_with_parents(build_query(level, keys), level).compile(engine))
+        assert sql.count("JOIN patients") == 1, sql
+    rows = list(find(loaded.index, Level.IMAGE, [MatchKey("PatientName", "NGUYEN*", fuzzy=True),
+                                                 MatchKey("SOPInstanceUID", "")]))
+    assert rows and all(str(r["PatientName"]).startswith("Nguyễn") for r in rows)
