@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
 
-from sqlalchemy import Boolean, ColumnElement, Select, and_, bindparam, or_, select, true
+from sqlalchemy import Boolean, ColumnElement, Select, and_, bindparam, exists, or_, select, true
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -186,12 +186,36 @@ def _compile_glob(element: _WildcardMatch, compiler: SQLCompiler, **kw: Any) -> 
     return compiler.process(column.op("GLOB", is_comparison=True)(glob), **kw)
 
 
-def wildcard_match(column: ColumnElement[Any] | InstrumentedAttribute[Any], value: str) -> ColumnElement[bool]:
+class _BroadWildcardMatch(_WildcardMatch):
+    """A wildcard match expected to select a large share of the rows: not a way into the table on SQLite.
+
+    SQLite has no statistics on value ranges (no STAT4 in Python's build), so
+    it rates ``name GLOB 'tran*'`` as selective as a month of study dates and
+    may read a tenth of the studies through the name index to keep a dozen.
+    ``likelihood(…, 0.5)`` makes the term a filter: a date, a PatientID or a
+    full name drives the plan; alone, it is a scan of the patients (which a
+    match on a tenth of them costs anyway). PostgreSQL has histograms and
+    gets the plain ``LIKE``.
+    """
+
+    name = "broad_wildcard_match"
+    inherit_cache = True
+
+
+@compiles(_BroadWildcardMatch, "sqlite")
+def _compile_broad_glob(element: _BroadWildcardMatch, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"likelihood({_compile_glob(element, compiler, **kw)}, 0.5)"
+
+
+def wildcard_match(column: ColumnElement[Any] | InstrumentedAttribute[Any], value: str, *,
+                   broad: bool = False) -> ColumnElement[bool]:
     """Wildcard matching (C.2.2.2.4): ``*`` any run of characters, ``?`` one character, case-sensitive.
 
-    ``%``, ``_`` and ``\\`` in the value are literal characters.
+    ``%``, ``_`` and ``\\`` in the value are literal characters. ``broad``: the
+    pattern is expected to match many rows (see :class:`_BroadWildcardMatch`);
+    the result is the same, only the query plan differs.
     """
-    return _WildcardMatch(
+    return (_BroadWildcardMatch if broad else _WildcardMatch)(
         column,
         bindparam(None, like_pattern(value), unique=True),
         bindparam(None, glob_pattern(value), unique=True),
@@ -225,9 +249,22 @@ def person_name_match(attribute: Attribute, value: str, *, fuzzy: bool = False) 
     diacritics, đ→d) exists for PatientName only; other PN attributes are
     matched as stored even when ``fuzzy`` is set.
     """
+    column = attribute.column
     if fuzzy and attribute.folded is not None:
-        return text_match(attribute.folded, fold_name(value))
-    return text_match(attribute.column, value)
+        column, value = attribute.folded, fold_name(value)
+    if has_wildcards(value):
+        return wildcard_match(column, value, broad=_family_name_only(value))
+    return single_value_match(column, value)
+
+
+def _family_name_only(value: str) -> bool:
+    """Whether a name pattern's literal prefix stops within the family name (``TRAN*``, ``Ng?yen*``).
+
+    Family names are few (Nguyễn alone is about 38 % of Vietnamese names): such
+    a prefix selects too many people to be the way into the index.
+    """
+    prefix = re.split(r"[*?]", value, maxsplit=1)[0]
+    return "^" not in prefix
 
 
 # -- ranges ------------------------------------------------------------------
@@ -344,12 +381,17 @@ def _modalities_in_study(value: str) -> ColumnElement[bool]:
 
     Matched on the series rows rather than on the backslash-joined
     ``studies.modalities_in_study``, where a wildcard could straddle two
-    modalities (``M*T`` would match ``MR\\CT``).
+    modalities (``M*T`` would match ``MR\\CT``). Written as a correlated
+    ``EXISTS`` on ``ix_series_study_modality`` so that a more selective key
+    (a date, a patient) drives the plan: an ``IN (SELECT study_fk …)`` made
+    SQLite read every series of the modality (a third of the index) first.
     """
     wanted = [v.strip(" \0") for v in value.split("\\")]
     if any(is_universal(v) for v in wanted):
         return universal_match()
-    return Study.id.in_(select(Series.study_fk).where(or_(*(text_match(Series.modality, v) for v in wanted))))
+    other = aliased(Series)  # not the outer query's series row (a SERIES-level query has one)
+    return exists().where(other.study_fk == Study.id,
+                          or_(*(text_match(other.modality, v) for v in wanted))).correlate(Study)
 
 
 # -- attributes and queries ----------------------------------------------------

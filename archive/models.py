@@ -35,7 +35,14 @@ class Facility(Base):
 
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),
+        # PostgreSQL: prefix LIKE ('nguyen%') under a non-C collation needs pattern ops (migration 0002).
+        Index("ix_patients_name_folded_pattern", "patient_name_folded",
+              postgresql_ops={"patient_name_folded": "varchar_pattern_ops"}).ddl_if(dialect="postgresql"),
+        Index("ix_patients_name_pattern", "patient_name",
+              postgresql_ops={"patient_name": "varchar_pattern_ops"}).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -94,6 +101,10 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    __table_args__ = (
+        # ModalitiesInStudy: does this study have a series of that modality? (archive.matching)
+        Index("ix_series_study_modality", "study_fk", "modality"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)

@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import contains_eager, joinedload
+from sqlalchemy.sql import util as sql_util
 
 from archive.index import CatalogIndex, IndexUnavailable
 from archive.matching import (
@@ -157,17 +158,32 @@ def _row_values(entity: Any, level: Level, wanted: list[str],
     return row
 
 
+# The many-to-one links from each level's rows upwards, in order.
+_PARENTS: dict[Level, list[Any]] = {
+    Level.IMAGE: [Instance.series, Series.study, Study.patient],
+    Level.SERIES: [Series.study, Study.patient],
+    Level.STUDY: [Study.patient],
+    Level.PATIENT: [],
+}
+
+
 def _with_parents(stmt: Any, level: Level) -> Any:
-    """Load the rows above ``level`` with the result rows (many-to-one joins, one query)."""
-    if level is Level.IMAGE:
-        return stmt.options(joinedload(Instance.series, innerjoin=True)
-                            .joinedload(Series.study, innerjoin=True)
-                            .joinedload(Study.patient, innerjoin=True))
-    if level is Level.SERIES:
-        return stmt.options(joinedload(Series.study, innerjoin=True).joinedload(Study.patient, innerjoin=True))
-    if level is Level.STUDY:
-        return stmt.options(joinedload(Study.patient, innerjoin=True))
-    return stmt
+    """Load the rows above ``level`` with the result rows (many-to-one joins, one query).
+
+    A parent table that the matching already joined (a PatientName key in a
+    STUDY query) is loaded from that join (``contains_eager``) rather than
+    joined a second time: the second join made PostgreSQL hash the whole
+    patients table to fetch a few dozen names.
+    """
+    joined = {table for from_ in stmt.get_final_froms() for table in sql_util.find_tables(from_)}
+    option: Any = None
+    for link in _PARENTS[level]:
+        parent_joined = link.property.mapper.local_table in joined
+        if option is None:
+            option = contains_eager(link) if parent_joined else joinedload(link, innerjoin=True)
+        else:
+            option = option.contains_eager(link) if parent_joined else option.joinedload(link, innerjoin=True)
+    return stmt if option is None else stmt.options(option)
 
 
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,

@@ -17,6 +17,10 @@ about to look for, with a timeout:
   most ``REACTOR_WAIT`` seconds.
 
 Both apply to associations we accepted (the node's side); see ``_accepted``.
+The DUL wait also applies to associations we open only to send requests and
+whose reactor :func:`guard_requestor` keeps off the DIMSE queue (the C-MOVE
+sub-association to a move destination): there the race that keeps
+requestors on stock timing cannot happen.
 
 So a PDU or a response is handled the moment it exists, and an idle
 association wakes only a few dozen times a second (for its timers and for
@@ -41,6 +45,8 @@ DUL_WAIT = 0.02
 REACTOR_WAIT = 0.005
 
 _WAKE_ATTR = "_telepacs_wake"
+_GUARDED_ATTR = "_telepacs_requests_only"
+_WAITING_ATTR = "_telepacs_waiting"
 
 
 def _wake_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
@@ -56,9 +62,13 @@ def _wake_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
 
 
 def wake_dul(dul: Any) -> None:
-    """Interrupt the DUL thread's wait (a primitive was queued for it to send)."""
+    """Interrupt the DUL thread's wait (a primitive was queued for it to send), if it is waiting.
+
+    A DUL busy sending (a 512 KB instance is 32 PDUs to a 16 KB peer) is
+    not poked once per PDU: that was a system call per PDU for nothing.
+    """
     pair = getattr(dul, _WAKE_ATTR, None)
-    if pair is not None:
+    if pair is not None and getattr(dul, _WAITING_ATTR, False):
         try:
             pair[1].send(b"\0")
         except (BlockingIOError, OSError):
@@ -66,10 +76,22 @@ def wake_dul(dul: Any) -> None:
 
 
 def dul_wait(dul: Any, timeout: float = DUL_WAIT) -> None:
-    """Wait until the DUL's socket is readable, a primitive is queued, or ``timeout``."""
+    """Wait until the DUL's socket is readable, a primitive is queued, or ``timeout``.
+
+    The waiting flag is raised before the queues are looked at: a primitive
+    queued after that look finds the flag up and pokes the wake-up socket.
+    """
+    reader, _ = _wake_pair(dul)
+    setattr(dul, _WAITING_ATTR, True)
+    try:
+        _wait(dul, reader, timeout)
+    finally:
+        setattr(dul, _WAITING_ATTR, False)
+
+
+def _wait(dul: Any, reader: socket.socket, timeout: float) -> None:
     if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
         return
-    reader, _ = _wake_pair(dul)
     assoc_socket = getattr(dul, "socket", None)
     sock = getattr(assoc_socket, "socket", None)
     watched: list[Any] = [reader]
@@ -107,6 +129,30 @@ def reactor_wait(assoc: Any, timeout: float = REACTOR_WAIT) -> None:
             queue.not_empty.notify()
 
 
+def guard_requestor(assoc: Any) -> None:
+    """Keep the reactor of an association we opened to send requests (C-STORE…) off its DIMSE queue.
+
+    A requestor pauses its reactor around each request it sends, but the
+    pause can be observed as taken just before the reactor looks at the
+    queue; a response arriving then is taken by the reactor as an
+    "unexpected message" and the sender fails its sub-operation (0xB000 on
+    a C-MOVE). Such an association never receives requests, so its reactor
+    has nothing to take: its non-blocking looks at the queue return nothing,
+    and the sender's blocking wait gets every response. Marks the
+    association for the event-driven DUL wait.
+    """
+    dimse = assoc.dimse
+    original = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block and threading.current_thread() is assoc:
+            return None, None
+        return original(block)
+
+    dimse.get_msg = get_msg
+    setattr(assoc, _GUARDED_ATTR, True)
+
+
 class _ReactorTime:
     """Stands in for the ``time`` module inside pynetdicom's reactor modules."""
 
@@ -117,7 +163,8 @@ class _ReactorTime:
     def sleep(seconds: float) -> None:
         if seconds == REACTOR_SLEEP:
             thread = threading.current_thread()
-            if _is_dul(thread) and _accepted(getattr(thread, "assoc", None)):
+            assoc = getattr(thread, "assoc", None)
+            if _is_dul(thread) and (_accepted(assoc) or getattr(assoc, _GUARDED_ATTR, False)):
                 dul_wait(thread)
                 return
             if _is_association(thread) and _accepted(thread):

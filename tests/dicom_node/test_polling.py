@@ -111,3 +111,49 @@ def test_idle_association_costs_almost_no_cpu(node):
         peer.wait(timeout=30)
     # Stock pynetdicom wakes two threads 1,000 times a second each; here a few dozen.
     assert cpu / wall < 0.05, f"{cpu / wall:.1%} of a core while idle"
+
+
+def test_guarded_requestor_reactor_never_takes_a_response():
+    """The association's own thread sees an empty DIMSE queue; the sender's blocking wait gets the response."""
+    messages: queue.Queue = queue.Queue()
+
+    def get_msg(block: bool = False):
+        try:
+            return messages.get(block=block, timeout=1)
+        except queue.Empty:
+            return None, None
+
+    seen: list[object] = []
+
+    class Assoc(threading.Thread):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dimse = SimpleNamespace(get_msg=get_msg)
+            self.assoc = self
+
+        def run(self) -> None:  # what pynetdicom's reactor does each turn
+            seen.append(self.dimse.get_msg(block=False))
+
+    assoc = Assoc()
+    polling.guard_requestor(assoc)
+    messages.put((1, "C-STORE-RSP"))
+    assoc.start()
+    assoc.join()
+    assert seen == [(None, None)]
+    assert assoc.dimse.get_msg(block=True) == (1, "C-STORE-RSP")  # the sender, on another thread
+    assert getattr(assoc, polling._GUARDED_ATTR) is True
+
+
+def test_wake_dul_pokes_only_a_waiting_dul():
+    """A DUL busy sending is not poked once per PDU; a waiting one is."""
+    dul, _peer = fake_dul()
+    reader, _writer = polling._wake_pair(dul)
+    polling.wake_dul(dul)  # not waiting: nothing written
+    try:
+        reader.recv(16)
+        raise AssertionError("a DUL that was not waiting was poked")
+    except BlockingIOError:
+        pass
+    setattr(dul, polling._WAITING_ATTR, True)
+    polling.wake_dul(dul)
+    assert reader.recv(16) == b"\0"

@@ -179,3 +179,30 @@ def test_move_with_a_missing_object(tmp_path):
     got = received(out)
     assert set(got) == {MR_UIDS[p][2] for p in paths} - {lost}
     assert got == {uid: data for uid, data in expected.items() if uid != lost}
+
+
+def test_sub_association_socket_gets_tcp_nodelay():
+    """The handler bound to the move destination's association turns Nagle off on its (real) socket."""
+    import queue
+    import socket
+    from types import SimpleNamespace
+
+    from pynetdicom import evt
+
+    from dicom_node.handlers import _destination_options, prepare_destination_association
+
+    options = _destination_options([])
+    assert (evt.EVT_CONN_OPEN, prepare_destination_association) in options["evt_handlers"]
+    assert "contexts" not in options
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        dimse = SimpleNamespace(get_msg=lambda block=False: queue.Queue().get(block=block, timeout=1))
+        event = SimpleNamespace(assoc=SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=client)),
+                                                      dimse=dimse))
+        prepare_destination_association(event)  # type: ignore[arg-type]
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.close()
+        listener.close()

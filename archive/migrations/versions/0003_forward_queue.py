@@ -1,7 +1,7 @@
 """forward queue and its scan cursors
 
 Revision ID: 0003_forward_queue
-Revises: 0001
+Revises: 0002_query_indexes
 Create Date: 2026-11-22
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0003_forward_queue'
-down_revision = '0001'
+down_revision = '0002_query_indexes'
 branch_labels = None
 depends_on = None
 
