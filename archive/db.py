@@ -85,3 +85,11 @@ def upgrade_schema(engine: Engine) -> None:
         cfg = alembic_config(engine)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    if engine.dialect.name == "sqlite":
+        # Give the planner statistics once (the indexes of migration 0002 are chosen with them);
+        # PostgreSQL's autovacuum does this by itself. After a large import, `ANALYZE` again (README).
+        with write_engine(engine).begin() as conn:
+            analyzed = conn.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_stat1'").first()
+            if analyzed is None:
+                conn.exec_driver_sql("ANALYZE")
