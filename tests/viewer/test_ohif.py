@@ -8,7 +8,6 @@ the origin fails the test. Screenshots are saved in the test's tmp dir.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from PIL import Image
 
 from archive.index import Source
 from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files
@@ -63,7 +61,10 @@ def test_pages_and_files_under_gunicorn(web, ohif_bundle):
     assert "immutable" in script.headers["Cache-Control"]
     # ... and a missing file is a 404, not the page.
     assert requests.get(web.url + "/ohif/no-such-chunk.js", timeout=10).status_code == 404
-    assert requests.get(web.url + "/ohif/../setup.cfg", timeout=10).status_code == 404
+    # A path out of the bundle folder never reaches the file system outside it.
+    escape = requests.get(web.url + "/ohif/%2e%2e/%2e%2e/setup.cfg", timeout=10)
+    assert escape.content != (Path(__file__).parents[2] / "setup.cfg").read_bytes()
+    assert escape.text == index.text  # it is just one more client-side route
 
 
 def test_app_config_points_at_this_servers_dicomweb(web, ohif_bundle):
@@ -95,6 +96,7 @@ class Problems:
     console: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     external: list[str] = field(default_factory=list)
+    frames_of: set[str] = field(default_factory=set)  # SOP Instance UIDs whose frames came back (200)
 
     def on_console(self, message) -> None:  # type: ignore[no-untyped-def]
         if message.type == "error":
@@ -106,6 +108,8 @@ class Problems:
     def on_response(self, response) -> None:  # type: ignore[no-untyped-def]
         if response.status >= 400:
             self.failed.append(f"{response.status} {response.request.method} {response.url}")
+        elif response.status == 200 and "/frames/" in response.url:
+            self.frames_of.add(response.url.split("/instances/")[1].split("/")[0])
 
     def on_request_failed(self, request) -> None:  # type: ignore[no-untyped-def]
         # ERR_ABORTED is the page itself cancelling a request (OHIF cancels prefetches it no longer
@@ -127,28 +131,45 @@ class Problems:
         assert self.console == [], f"browser console errors: {self.console}"
 
 
-def _bright_fraction(png: bytes) -> float:
-    """Share of pixels clearly above black (the viewport background)."""
-    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
-    return float((grey > 40).mean())
+# The viewport canvas scaled down to 160x120 grey levels, read in the page (faster than a screenshot).
+_CANVAS_GREY = """() => {
+  const source = document.querySelector('canvas.cornerstone-canvas');
+  if (!source || !source.width) return null;
+  const small = document.createElement('canvas');
+  small.width = 160; small.height = 120;
+  const context = small.getContext('2d');
+  context.drawImage(source, 0, 0, 160, 120);
+  const rgba = context.getImageData(0, 0, 160, 120).data;
+  const grey = new Array(160 * 120);
+  for (let i = 0; i < grey.length; i++) grey[i] = (rgba[4 * i] + rgba[4 * i + 1] + rgba[4 * i + 2]) / 3;
+  return grey;
+}"""
 
 
-def _wait_drawn(page, name: str, out: Path, minimum: float) -> float:  # type: ignore[no-untyped-def]
-    """Poll the viewport canvas until enough of it is drawn; save the viewport and the page."""
-    canvas = page.locator("canvas.cornerstone-canvas").first
-    canvas.wait_for(state="visible", timeout=DRAW_TIMEOUT * 1000)
+def _canvas_grey(page) -> np.ndarray | None:  # type: ignore[no-untyped-def]
+    values = page.evaluate(_CANVAS_GREY)
+    return None if values is None else np.asarray(values, dtype=np.float32)
+
+
+def _wait_drawn(page, name: str, out: Path, minimum: float,  # type: ignore[no-untyped-def]
+                like: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Poll the viewport canvas until enough of it is drawn (and, given ``like``, until it looks like
+    that image: mean grey difference under 2 levels); save a screenshot of the page."""
+    page.locator("canvas.cornerstone-canvas").first.wait_for(state="visible", timeout=DRAW_TIMEOUT * 1000)
     deadline = time.monotonic() + DRAW_TIMEOUT
-    fraction = 0.0
+    fraction = difference = 0.0
     while time.monotonic() < deadline:
-        png = canvas.screenshot()
-        fraction = _bright_fraction(png)
-        if fraction >= minimum:
-            (out / f"{name}-viewport.png").write_bytes(png)
-            page.screenshot(path=str(out / f"{name}.png"))
-            return fraction
-        page.wait_for_timeout(250)
+        grey = _canvas_grey(page)
+        if grey is not None:
+            fraction = float((grey > 40).mean())  # share of pixels clearly above the black background
+            difference = 0.0 if like is None else float(np.abs(grey - like).mean())
+            if fraction >= minimum and difference < 2.0:
+                page.screenshot(path=str(out / f"{name}.png"))
+                return fraction, grey
+        page.wait_for_timeout(100)
     page.screenshot(path=str(out / f"{name}-timeout.png"))
-    raise AssertionError(f"{name}: the viewport stayed blank ({fraction:.1%} drawn) for {DRAW_TIMEOUT} s")
+    raise AssertionError(f"{name}: the viewport stayed blank or wrong ({fraction:.1%} drawn, "
+                         f"mean difference {difference:.1f} from the first image) for {DRAW_TIMEOUT} s")
 
 
 def _load_testdata(web, ct_part10_dir: Path) -> dict[str, str]:
@@ -176,7 +197,14 @@ def test_ohif_lists_and_displays_testdata(web, ohif_bundle, ct_part10_dir, tmp_p
     problems = Problems(web.url)
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    started = time.monotonic()
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = time.monotonic() - clock
+        clock = time.monotonic()
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                      args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
@@ -191,6 +219,7 @@ def test_ohif_lists_and_displays_testdata(web, ohif_bundle, ct_part10_dir, tmp_p
             page.on("pageerror", problems.on_page_error)
             page.on("response", problems.on_response)
             page.on("requestfailed", problems.on_request_failed)
+            lap("browser")
 
             # The study list: one row per study, found through QIDO-RS.
             page.goto(web.url + "/ohif/")
@@ -204,17 +233,29 @@ def test_ohif_lists_and_displays_testdata(web, ohif_bundle, ct_part10_dir, tmp_p
                 assert names[patient_id] in row and patient_id in row, row
             page.get_by_role("button", name="Confirm and hide").click()  # OHIF's investigational-use notice
             page.screenshot(path=str(shots / "study-list.png"))
+            lap("study list")
 
-            # The CT (raw GE slices wrapped as Part 10) and the Siemens MR (9 transfer syntaxes).
-            ct = _wait_drawn_study(page, web.url, studies["PR0002"], "ct", shots, minimum=0.05)
-            mr = _wait_drawn_study(page, web.url, studies["crlab"], "mr", shots, minimum=0.05)
+            # The CT: the raw GE slices (wrapped as Part 10), 512x512 16-bit.
+            page.goto(f"{web.url}/ohif/viewer?StudyInstanceUIDs={studies['PR0002']}")
+            drawn = {"ct": _wait_drawn(page, "ct", shots, minimum=0.05)[0]}
+            lap("CT")
+
+            # The Siemens MR: the same image in 9 transfer syntaxes (RLE, JPEG lossless, JPEG-LS,
+            # JPEG 2000, big endian, ...), decoded by OHIF from the frames telepacs sends. Step
+            # through all 9 (down arrow = next image): each must look like the first.
+            page.goto(f"{web.url}/ohif/viewer?StudyInstanceUIDs={studies['crlab']}")
+            drawn["mr"], first = _wait_drawn(page, "mr", shots, minimum=0.05)
+            position = page.locator('[data-cy="viewport-overlay-bottom-right"]')
+            for index in range(2, 10):
+                page.locator("canvas.cornerstone-canvas").first.hover()
+                page.keyboard.press("ArrowDown")
+                position.get_by_text(f"({index}/9)").wait_for(timeout=DRAW_TIMEOUT * 1000)
+                _wait_drawn(page, f"mr-{index}", shots, minimum=0.05, like=first)
+            lap("MR, 9 transfer syntaxes")
         finally:
             browser.close()
-    elapsed = time.monotonic() - started
-    print(f"OHIF: list + CT ({ct:.0%} drawn) + MR ({mr:.0%} drawn) in {elapsed:.1f} s; screenshots in {shots}")
+    mr_instances = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in dicom_files(TS_DIR)}
+    assert mr_instances <= problems.frames_of, "OHIF did not fetch the frames of every MR instance"
+    print("OHIF: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+          + f"; drawn {drawn}; screenshots in {shots}")
     problems.assert_none()
-
-
-def _wait_drawn_study(page, url: str, study: str, name: str, out: Path, minimum: float) -> float:  # type: ignore[no-untyped-def]
-    page.goto(f"{url}/ohif/viewer?StudyInstanceUIDs={study}")
-    return _wait_drawn(page, name, out, minimum)
