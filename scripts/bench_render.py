@@ -74,6 +74,7 @@ QUALITY = 90
 WEB_WORKERS = 2
 WEB_THREADS = 8  # as `telepacs serve` runs gunicorn
 CONNECTIONS = (2, 4)
+DICOM_JSON = "application/dicom+json"
 # The issue's figures for Orthanc on this machine, used only when Orthanc could not be measured.
 ISSUE_ORTHANC = {"rendered_p50_ms": 0.95, "rendered_rps": 1100, "dicomweb_p50_ms": 2.2, "dicomweb_rps": 830,
                  "qido_ms": 137}
@@ -255,30 +256,60 @@ def check_jpeg(body: bytes, what: str) -> None:
             raise PeerError(f"{what}: expected a 512x512 JPEG, got {img.format} {img.size}")
 
 
-def measure(name: str, base: str, paths: Callable[[int], str], count: int, accept: str,
-            expect: str, warmup: int = 3) -> Latency:
-    """``count`` sequential GETs of ``paths(i)`` on one keep-alive connection; latency percentiles."""
-    client = Client(base)
-    times: list[float] = []
-    body = b""
-    try:
-        for i in range(-warmup, count):
-            path = paths(i)
-            t0 = time.perf_counter()
-            status, ctype, body = client.get(path, accept)
-            elapsed = time.perf_counter() - t0
-            if status != 200 or not ctype.startswith(expect):
-                raise PeerError(f"{name}: GET {path} answered {status} {ctype}: {body[:300]!r}")
-            if i == 0 and expect == "image/jpeg":
-                check_jpeg(body, name)
-            if i >= 0:
-                times.append(elapsed * 1000)
-    finally:
-        client.close()
-    times.sort()
-    return Latency(name, base + paths(0), count, round(statistics.median(times), 3),
-                   round(times[min(len(times) - 1, int(len(times) * 0.95))], 3),
-                   round(statistics.fmean(times), 3), len(body))
+@dataclass
+class Probe:
+    """One latency measurement: GETs of ``paths(i)`` for i = 0, 1, ... on one keep-alive connection."""
+
+    name: str
+    base: str
+    paths: Callable[[int], str]
+    accept: str
+    warmup: int = 3
+    times_ms: list[float] = field(default_factory=list)
+    last_bytes: int = 0
+    _next: int = 0
+
+    def run(self, count: int) -> None:
+        """The next ``count`` requests (after ``warmup`` unmeasured ones the first time)."""
+        client = Client(self.base)
+        try:
+            first = self._next
+            if first == 0:
+                self._next = -self.warmup
+            while self._next < first + count:
+                i = self._next
+                path = self.paths(i)
+                t0 = time.perf_counter()
+                status, ctype, body = client.get(path, self.accept)
+                elapsed = time.perf_counter() - t0
+                if status != 200 or not ctype.startswith(self.accept):
+                    raise PeerError(f"{self.name}: GET {path} answered {status} {ctype}: {body[:300]!r}")
+                if i == 0 and self.accept == "image/jpeg":
+                    check_jpeg(body, self.name)
+                if i >= 0:
+                    self.times_ms.append(elapsed * 1000)
+                self.last_bytes = len(body)
+                self._next += 1
+        finally:
+            client.close()
+
+    def result(self) -> Latency:
+        times = sorted(self.times_ms)
+        return Latency(self.name, self.base + self.paths(0), len(times), round(statistics.median(times), 3),
+                       round(times[min(len(times) - 1, int(len(times) * 0.95))], 3),
+                       round(statistics.fmean(times), 3), self.last_bytes)
+
+
+def measure_interleaved(probes: Sequence[Probe], count: int, rounds: int) -> list[Latency]:
+    """``count`` requests per probe, in ``rounds`` rounds taking the probes in turn, so that the
+    load of a shared machine changing during the run falls on all of them alike."""
+    done = 0
+    for r in range(rounds):
+        chunk = count * (r + 1) // rounds - done
+        for probe in probes:
+            probe.run(chunk)
+        done += chunk
+    return [probe.result() for probe in probes]
 
 
 # =========================================================================== throughput
@@ -299,7 +330,8 @@ WRK_COLD_LUA = """-- every request asks for a window centre not asked for before
 local counter = {start}
 request = function()
   counter = counter + 1
-  return wrk.format("GET", "{path}" .. string.format("%.5f", {center} + counter * 1e-5) .. ",{width},{function}&quality={quality}")
+  local center = string.format("%.5f", {center} + counter * 1e-5)
+  return wrk.format("GET", "{path}" .. center .. ",{width},{function}&quality={quality}")
 end
 """
 
@@ -409,11 +441,11 @@ def targets(latencies: list[Latency], throughputs: list[Throughput]) -> list[str
                    f"({ortho.p50_ms:.2f} ms; target <= 0.5x): {_verdict(ratio <= 0.5)}")
     tps = {(t.name, t.connections): t for t in throughputs}
     for conns in CONNECTIONS:
-        cold = tps.get(("telepacs cold-window", conns))
+        cold_tp = tps.get(("telepacs cold-window", conns))
         orth = tps.get(("orthanc /rendered", conns))
-        if cold and orth:
-            ratio = cold.rps / orth.rps
-            out.append(f"{conns} connections: telepacs cold-window {cold.rps:.0f} req/s = {ratio:.2f}x Orthanc "
+        if cold_tp and orth:
+            ratio = cold_tp.rps / orth.rps
+            out.append(f"{conns} connections: telepacs cold-window {cold_tp.rps:.0f} req/s = {ratio:.2f}x Orthanc "
                        f"/rendered ({orth.rps:.0f} req/s; target >= 1x, issue's figure ~1,100): "
                        f"{_verdict(ratio >= 1)}")
     qido = lat.get("telepacs QIDO 300-instance series")
@@ -492,23 +524,25 @@ def run(args: argparse.Namespace, data: Data, scratch: Path) -> tuple[list[Laten
                     f"?window={cold_window(10_000 + i)}&quality={QUALITY}")
 
         jpeg = "image/jpeg"
-        latencies.append(measure("telepacs cold-window", tp_base,
-                                 lambda i: f"{rendered}?window={cold_window(i + 3)}&quality={QUALITY}",
-                                 requests, jpeg, jpeg))
         if requests + 3 > len(series_uids):
             notes.append(f"cold-slice: {requests} requests over {len(series_uids)} slices: some slices repeat "
                          "(new window each time; the frame may be in the decoded-frame cache)")
-        latencies.append(measure("telepacs cold-slice", tp_base, series_path, requests, jpeg, jpeg))
-        latencies.append(measure("telepacs warm", tp_base, lambda i: rendered + fixed, requests, jpeg, jpeg))
-        latencies.append(measure("orthanc /rendered", orthanc.http_url, lambda i: o_rendered, requests, jpeg, jpeg))
-        latencies.append(measure("orthanc dicomweb /rendered", orthanc.http_url, lambda i: o_dicomweb, requests,
-                                 jpeg, jpeg))
+        rendering = [
+            Probe("telepacs cold-window", tp_base,
+                  lambda i: f"{rendered}?window={cold_window(i + 3)}&quality={QUALITY}", jpeg),
+            Probe("telepacs cold-slice", tp_base, series_path, jpeg),
+            Probe("telepacs warm", tp_base, lambda i: rendered + fixed, jpeg),
+            Probe("orthanc /rendered", orthanc.http_url, lambda i: o_rendered, jpeg),
+            Probe("orthanc dicomweb /rendered", orthanc.http_url, lambda i: o_dicomweb, jpeg),
+        ]
+        latencies += measure_interleaved(rendering, requests, rounds=3)
         qido = f"/studies/{listing.study}/series/{listing.series}/instances"
-        latencies.append(measure("telepacs QIDO 300-instance series", tp_base, lambda i: "/dicomweb" + qido,
-                                 qido_requests, "application/dicom+json", "application/dicom+json", warmup=2))
-        latencies.append(measure("orthanc dicomweb QIDO 300-instance series", orthanc.http_url,
-                                 lambda i: "/dicom-web" + qido, qido_requests, "application/dicom+json",
-                                 "application/dicom+json", warmup=2))
+        listings = [
+            Probe("telepacs QIDO 300-instance series", tp_base, lambda i: "/dicomweb" + qido, DICOM_JSON, 2),
+            Probe("orthanc dicomweb QIDO 300-instance series", orthanc.http_url, lambda i: "/dicom-web" + qido,
+                  DICOM_JSON, 2),
+        ]
+        latencies += measure_interleaved(listings, qido_requests, rounds=2)
         for lat in latencies:
             print(f"  {lat.name}: p50 {lat.p50_ms:.2f} ms, p95 {lat.p95_ms:.2f} ms", flush=True)
 
