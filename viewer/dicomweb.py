@@ -140,11 +140,21 @@ def _retrieve_url(level: Level, row: dict[str, Any]) -> str | None:
     return _url(*uids[:depth])
 
 
+_JSON_CHUNK = 64 * 1024  # objects are sent in chunks of about this size, not one write per object
+
+
 def _json_stream(objects: Iterator[dict[str, Any]]) -> Iterator[bytes]:
-    yield b"["
+    buffer = [b"["]
+    size = 1
     for number, obj in enumerate(objects):
-        yield (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    yield b"]"
+        part = (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        buffer.append(part)
+        size += len(part)
+        if size >= _JSON_CHUNK:
+            yield b"".join(buffer)
+            buffer, size = [], 0
+    buffer.append(b"]")
+    yield b"".join(buffer)
 
 
 # -- QIDO-RS -------------------------------------------------------------------------
