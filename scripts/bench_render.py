@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qido-requests", type=int, default=40, help="requests per QIDO latency measurement")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run")
     parser.add_argument("--slices", type=int, default=300, help="instances in the generated series")
-    parser.add_argument("--data-dir", type=Path, help="keep generated data here and reuse it between runs")
+    parser.add_argument("--data-dir", type=Path, default=Path("bench-output/render-data"),
+                        help="generated data, kept and reused between runs (default bench-output/render-data)")
     parser.add_argument("--keep-servers", action="store_true",
                         help="leave the servers running after the measurements until Enter (for py-spy)")
     parser.add_argument("--out", type=Path, default=Path("bench-output/render.json"), help="JSON results")
@@ -603,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("wrk not found: apt-get install wrk")
     started = time.perf_counter()
     temp_root = Path(tempfile.mkdtemp(prefix="telepacs-bench-render-"))
-    data_dir = args.data_dir.resolve() if args.data_dir else temp_root / "data"
+    data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     out_path = args.out if args.out.is_absolute() else Path.cwd() / args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
