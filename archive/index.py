@@ -139,6 +139,20 @@ _FIND_INSTANCE = (
     .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
     .where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
 )
+# instance_locations(): built once (building a statement per call was most of a cached render's time)
+_LOCATIONS = (
+    select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sop_class_uid, _STUDIES.c.study_uid,
+           _SERIES.c.series_uid, _INSTANCES.c.object_key, _INSTANCES.c.transfer_syntax_uid,
+           _INSTANCES.c.size, _INSTANCES.c.checksum)
+    .join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
+    .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
+    .where(_STUDIES.c.study_uid == bindparam("study"))
+    .order_by(_SERIES.c.series_number, _SERIES.c.id, _INSTANCES.c.slice_position,
+              _INSTANCES.c.instance_number, _INSTANCES.c.id)
+)
+_SERIES_LOCATIONS = _LOCATIONS.where(_SERIES.c.series_uid == bindparam("series"))
+_INSTANCE_LOCATION = _SERIES_LOCATIONS.where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
+_STUDY_INSTANCE_LOCATION = _LOCATIONS.where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
 _BUMP_STUDY = (
     update(_STUDIES).where(_STUDIES.c.id == bindparam("b_study"))
     .values(num_instances=_STUDIES.c.num_instances + 1, updated_at=bindparam("b_now"))
@@ -189,23 +203,14 @@ class CatalogIndex:
     def instance_locations(self, study_uid: str, series_uid: str | None = None,
                            sop_instance_uid: str | None = None) -> list[InstanceLocation]:
         """The instances of a study (or of one series, or one instance), in series and display order."""
-        stmt = (
-            select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sop_class_uid, _STUDIES.c.study_uid,
-                   _SERIES.c.series_uid, _INSTANCES.c.object_key, _INSTANCES.c.transfer_syntax_uid,
-                   _INSTANCES.c.size, _INSTANCES.c.checksum)
-            .join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
-            .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
-            .where(_STUDIES.c.study_uid == study_uid)
-            .order_by(_SERIES.c.series_number, _SERIES.c.id, _INSTANCES.c.slice_position,
-                      _INSTANCES.c.instance_number, _INSTANCES.c.id)
-        )
-        if series_uid is not None:
-            stmt = stmt.where(_SERIES.c.series_uid == series_uid)
+        params = {"study": study_uid, "series": series_uid, "sop": sop_instance_uid}
         if sop_instance_uid is not None:
-            stmt = stmt.where(_INSTANCES.c.sop_instance_uid == sop_instance_uid)
+            stmt = _INSTANCE_LOCATION if series_uid is not None else _STUDY_INSTANCE_LOCATION
+        else:
+            stmt = _SERIES_LOCATIONS if series_uid is not None else _LOCATIONS
         try:
             with self.engine.connect() as conn:
-                return [InstanceLocation(*row) for row in conn.execute(stmt)]
+                return [InstanceLocation(*row) for row in conn.execute(stmt, params)]
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
 

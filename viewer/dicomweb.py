@@ -12,6 +12,7 @@ References: PS3.18 §10.4 (Retrieve), §10.5 (Store), §10.6 (Search), Annex F (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -93,15 +94,21 @@ def _index_down(exc: IndexUnavailable) -> ResponseReturnValue:
 # -- DICOM JSON (PS3.18 Annex F) ---------------------------------------------------
 
 
-def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
-    """(tag as 8 hex digits, DICOM JSON attribute) for an index value."""
+@functools.lru_cache(maxsize=1024)
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
+    """(tag as 8 hex digits, VR) of a keyword; cached: a search result asks for them on every row."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(keyword)
-    vr = dictionary_VR(tag)
+    return f"{tag:08X}", dictionary_VR(tag)
+
+
+def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
+    """(tag as 8 hex digits, DICOM JSON attribute) for an index value."""
+    tag, vr = _tag_and_vr(keyword)
     attribute: dict[str, Any] = {"vr": vr}
     if value is None or value == "":
-        return f"{tag:08X}", attribute
+        return tag, attribute
     if isinstance(value, int):
         values: list[Any] = [value]
     elif vr == "PN":
@@ -113,7 +120,7 @@ def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
     else:
         values = str(value).split("\\")
     attribute["Value"] = values
-    return f"{tag:08X}", attribute
+    return tag, attribute
 
 
 def _url(*uids: str) -> str:
@@ -135,11 +142,21 @@ def _retrieve_url(level: Level, row: dict[str, Any]) -> str | None:
     return _url(*uids[:depth])
 
 
+_JSON_CHUNK = 64 * 1024  # objects are sent in chunks of about this size, not one write per object
+
+
 def _json_stream(objects: Iterator[dict[str, Any]]) -> Iterator[bytes]:
-    yield b"["
+    buffer = [b"["]
+    size = 1
     for number, obj in enumerate(objects):
-        yield (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    yield b"]"
+        part = (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        buffer.append(part)
+        size += len(part)
+        if size >= _JSON_CHUNK:
+            yield b"".join(buffer)
+            buffer, size = [], 0
+    buffer.append(b"]")
+    yield b"".join(buffer)
 
 
 # -- QIDO-RS -------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def test_retrieve_series_and_metadata(web):
     assert {str(ds.SOPInstanceUID) for ds in instances} == sent
     metadata = client.retrieve_series_metadata(study, series)
     assert {pydicom.Dataset.from_json(m).SOPInstanceUID for m in metadata} == sent
-    assert all("7FE00010" not in m for m in metadata)
+    # pixel data is referenced, never inline
+    assert all(set(m["7FE00010"]) == {"vr", "BulkDataURI"} for m in metadata)
     study_metadata = client.retrieve_study_metadata(study)
     assert len(study_metadata) == len(files)
 
