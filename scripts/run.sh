@@ -16,5 +16,14 @@ if [ ! -x .venv/bin/telepacs ] || [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" 
   .venv/bin/python -m pip install -q -e .
   touch "$stamp"
 fi
+# The OHIF viewer at /ohif/ (npm @ohif/app, fetched once; optional: telepacs runs without it).
+ohif_dir=${TELEPACS_OHIF_DIR:-.cache/ohif}
+if [ ! -f "$ohif_dir/.telepacs-ohif-version" ]; then
+  if command -v npm >/dev/null; then
+    .venv/bin/python scripts/fetch_ohif.py "$ohif_dir" || echo "telepacs: OHIF not fetched (no registry?); /ohif/ stays off"
+  else
+    echo "telepacs: npm not found: the OHIF viewer at /ohif/ stays off (apt-get install npm, then run again)"
+  fi
+fi
 export TELEPACS_DATA_DIR=${TELEPACS_DATA_DIR:-$PWD/telepacs-data}
 exec .venv/bin/telepacs serve "$@"
