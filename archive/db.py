@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -72,7 +70,14 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+
 def alembic_config(engine: Engine) -> AlembicConfig:
+    # Alembic is imported only here: the receiving workers never migrate, and it costs ~10 MB each.
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -84,6 +89,8 @@ def upgrade_schema(engine: Engine) -> None:
     with write_engine(engine).begin() as conn:
         cfg = alembic_config(engine)
         cfg.attributes["connection"] = conn
+        from alembic import command
+
         command.upgrade(cfg, "head")
     if engine.dialect.name == "sqlite":
         # Give the planner statistics once (the indexes of migration 0002 are chosen with them);
