@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_ingest import REAL_CT_DIR, generated_ct, machine_info, wrap_real_ct  # noqa: E402
+from dicom_node.polling import guard_requestor  # noqa: E402  (pynetdicom's requestor pause race, see there)
 from tests.peers import (  # noqa: E402
     OrthancServer,
     PeerError,
@@ -324,28 +325,6 @@ def identifier(query: Query) -> Any:
     return ds
 
 
-def guard_reactor(assoc: Any) -> None:
-    """Keep this SCU association's reactor thread off the DIMSE queue: responses go to the caller only.
-
-    pynetdicom's requestor pauses its reactor around each request, but the
-    pause can be seen as taken while the reactor is about to look at the
-    queue; a fast enough response (Orthanc's, telepacs') is then taken by the
-    reactor as an "unexpected message" and the caller gets no response. A
-    pure SCU never receives requests, so its reactor has nothing to take.
-    """
-    import threading
-
-    dimse = assoc.dimse
-    original = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block and threading.current_thread() is assoc:
-            return None, None
-        return original(block)
-
-    dimse.get_msg = get_msg
-
-
 class FindClient:
     """One pynetdicom association (TCP_NODELAY on its socket) reused for every query."""
 
@@ -361,7 +340,7 @@ class FindClient:
         self.assoc = ae.associate(host, port, ae_title=called_aet)
         if not self.assoc.is_established:
             raise PeerError(f"C-FIND association to {called_aet}@{host}:{port} refused")
-        guard_reactor(self.assoc)
+        guard_requestor(self.assoc)
         self.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def find(self, query: Query) -> tuple[float, float, int]:
@@ -612,7 +591,7 @@ def move_series(host: str, port: int, aet: str, series_uid: str, study_uid: str)
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         raise PeerError(f"C-MOVE association to {aet} refused")
-    guard_reactor(assoc)
+    guard_requestor(assoc)
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     completed = failed = -1
     try:
