@@ -223,6 +223,8 @@ class SpooledObjectStore:
             )
         backlog = self._backlog()
         if backlog + size > self.max_backlog_bytes:
+            backlog = self.pending_bytes()  # the cache may be stale: refuse only on a fresh count
+        if backlog + size > self.max_backlog_bytes:
             raise StorageError(
                 f"spool {self.spool_dir} full: {backlog} bytes waiting for "
                 f"{self.description} (limit {self.max_backlog_bytes}); not accepting {key}"
@@ -245,7 +247,7 @@ class SpooledObjectStore:
         os.close(fd)
         return tmp
 
-    def _commit(self, key: str, data_tmp: Path) -> None:
+    def _commit(self, key: str, data_tmp: Path, size: int) -> None:
         """Write the key sidecar, then rename the data into ``ready/`` (durably)."""
         key_tmp: Path | None = None
         try:
@@ -260,7 +262,13 @@ class SpooledObjectStore:
             if key_tmp is not None:
                 _unlink_quietly(key_tmp)
             raise
-        self._backlog_cache = None
+        # Count the new object into the cached backlog instead of dropping the cache: a full
+        # scan of the spool on every put made each one cost O(spool size) while the drainer
+        # lagged. The cache still refreshes every _BACKLOG_CACHE_SECONDS, and until then it
+        # can only overestimate (uploads are not subtracted), which errs on the safe side.
+        cached = self._backlog_cache
+        if cached is not None:
+            self._backlog_cache = (cached[0], cached[1] + size)
         with self._cond:
             self._wakeups += 1
             self._cond.notify_all()
@@ -291,7 +299,7 @@ class SpooledObjectStore:
                             _write_all(fd, chunk)
 
                 tmp = self._write_tmp(fill)
-            self._commit(key, tmp)
+            self._commit(key, tmp, st.st_size)
             tmp = None
         except OSError as exc:
             raise StorageError(
@@ -309,7 +317,7 @@ class SpooledObjectStore:
         try:
             tmp = self._write_tmp(lambda fd: _write_all(fd, data))
             try:
-                self._commit(key, tmp)
+                self._commit(key, tmp, len(data))
             except BaseException:
                 _unlink_quietly(tmp)
                 raise

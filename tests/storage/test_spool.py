@@ -261,3 +261,23 @@ def test_open_store_s3_spooled(s3_server, tmp_path):
     assert spooled.drain(30)  # already started
     assert plain.get_bytes("a/b") == b"c"
     spooled.close()
+
+
+def test_puts_do_not_rescan_the_spool(tmp_path, monkeypatch):
+    from storage.spool import _BACKLOG_CACHE_SECONDS
+
+    """A put counts itself into the cached backlog: no directory scan per put while the drainer lags."""
+    store = SpooledObjectStore(LocalObjectStore(tmp_path / "remote"), tmp_path / "spool",
+                               max_backlog_bytes=10_000, **FAST)  # drainer not started: the spool only grows
+    scans = []
+    real_scan = store._scan
+    monkeypatch.setattr(store, "_scan", lambda: scans.append(1) or real_scan())
+    started = time.monotonic()
+    for n in range(20):
+        store.put_bytes(f"k{n}", b"x" * 400)  # 8,000 bytes in all
+    refreshes = int((time.monotonic() - started) / _BACKLOG_CACHE_SECONDS) + 1
+    assert len(scans) <= 1 + refreshes < 20  # the first put's count, then one per cache period, not one per put
+    assert store.pending_bytes() == 8_000
+    with pytest.raises(StorageError, match="full"):
+        store.put_bytes("over", b"x" * 2_500)
+    store.close()
