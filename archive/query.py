@@ -92,6 +92,7 @@ _INSTANCE_VALUES: dict[str, Callable[[Instance], str | int]] = {
     "Columns": lambda i: _text(i.columns),
     "NumberOfFrames": lambda i: i.number_of_frames,
     "BitsAllocated": lambda i: _text((i.display or {}).get("BitsAllocated")),
+    "TransferSyntaxUID": lambda i: i.transfer_syntax_uid,  # as stored (retrieve builds its contexts from it)
 }
 
 # Return keys computed from the index rather than matched on a column (PS3.4 C.3.4).

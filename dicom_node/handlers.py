@@ -390,33 +390,22 @@ def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
     return [MatchKey(k.keyword, k.value) for k in matching]
 
 
-def _header(archive: Archive, sop_instance_uid: str) -> tuple[str, str] | None:
-    """(transfer syntax, SOP class) of a stored instance, from its file meta; None if it cannot be read."""
-    try:
-        with archive.open_instance(sop_instance_uid) as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-            return str(ds.file_meta.TransferSyntaxUID), str(ds.file_meta.MediaStorageSOPClassUID)
-    except (StorageError, OSError, AttributeError) + _DECODE_ERRORS as exc:
-        log.error("instance %s cannot be read from storage: %s: %s", sop_instance_uid, type(exc).__name__, exc)
-        return None
-
-
 def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Match]:
-    """The instances a retrieve identifier selects (only their UIDs and headers in memory)."""
-    wanted = keys if any(k.keyword == "SOPInstanceUID" for k in keys) else [*keys, MatchKey("SOPInstanceUID", "")]
+    """The instances a retrieve identifier selects, with SOP class and transfer syntax from the index.
+
+    Only UIDs are held in memory; no stored file is opened until its sub-operation.
+    """
+    asked = {k.keyword for k in keys}
+    wanted = [*keys, *(MatchKey(k, "") for k in ("SOPInstanceUID", "SOPClassUID", "TransferSyntaxUID")
+                       if k not in asked)]
     rows = find(archive.index, Level.IMAGE, wanted)
     try:
-        uids = [str(row["SOPInstanceUID"]) for row in rows]
+        return [_Match(str(row["SOPInstanceUID"]), str(row["SOPClassUID"]) or None,
+                       str(row["TransferSyntaxUID"]) or None) for row in rows]
     except IndexUnavailable as exc:
         raise FindRefused(int(Status.UNABLE_TO_CALCULATE_MATCHES), str(exc)) from None  # type: ignore[attr-defined]
     finally:
         rows.close()  # type: ignore[attr-defined]
-    result = []
-    for uid in uids:
-        header = _header(archive, uid)
-        ts, sop_class = header if header is not None else (None, None)
-        result.append(_Match(uid, sop_class, ts))
-    return result
 
 
 def _instance(archive: Archive, match: _Match) -> Dataset:
