@@ -311,9 +311,8 @@ def search_instances(study: str, series: str) -> ResponseReturnValue:
 
 
 def _locations(study: str, series: str | None = None, instance: str | None = None) -> list[InstanceLocation]:
-    found = get_archive().index.instance_locations(
+    return get_archive().index.instance_locations(
         _uid(study), _uid(series) if series else None, _uid(instance) if instance else None)
-    return found
 
 
 def _not_found(study: str, series: str | None, instance: str | None) -> Response:
@@ -337,14 +336,17 @@ def _wanted_syntax(accept: str) -> str | None:
 
 
 class NotAcceptable(ValueError):
-    pass
+    """An Accept header this resource cannot satisfy (406)."""
+
+
+@bp.errorhandler(NotAcceptable)
+def _not_acceptable(exc: NotAcceptable) -> ResponseReturnValue:
+    log.warning("DICOMweb %s %s from %s: %s", request.method, request.full_path, request.remote_addr, exc)
+    return error(406, str(exc))
 
 
 def _retrieve(study: str, series: str | None = None, instance: str | None = None) -> ResponseReturnValue:
-    try:
-        syntax = _wanted_syntax(request.headers.get("Accept", ""))
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    syntax = _wanted_syntax(request.headers.get("Accept", ""))
     locations = _locations(study, series, instance)
     if not locations:
         return _not_found(study, series, instance)
@@ -619,36 +621,24 @@ def _rendered_instance(study: str, series: str, instance: str, frame: int,
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
 def rendered_instance(study: str, series: str, instance: str) -> ResponseReturnValue:
-    try:
-        return _rendered_instance(study, series, instance, 1, _render_request())
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    return _rendered_instance(study, series, instance, 1, _render_request())
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<int:frame>/rendered")
 def rendered_frame(study: str, series: str, instance: str, frame: int) -> ResponseReturnValue:
-    try:
-        return _rendered_instance(study, series, instance, frame, _render_request())
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    return _rendered_instance(study, series, instance, frame, _render_request())
 
 
 @bp.get("/studies/<study>/series/<series>/rendered")
 def rendered_series(study: str, series: str) -> ResponseReturnValue:
     """The series' middle instance, rendered (a single image, not every instance)."""
-    try:
-        wanted = _render_request()
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    wanted = _render_request()
     loc = _representative(study, series)
     return _render(loc, 1, wanted) if loc else _not_found(study, series, None)
 
 
 def _thumbnail(study: str, series: str | None = None, instance: str | None = None) -> ResponseReturnValue:
-    try:
-        wanted = _render_request(THUMBNAIL_VIEWPORT, THUMBNAIL_QUALITY)
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    wanted = _render_request(THUMBNAIL_VIEWPORT, THUMBNAIL_QUALITY)
     if instance is not None and series is not None:
         found = _locations(study, series, instance)
         loc = found[0] if found else None
@@ -742,10 +732,7 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
     if not locations:
         return _not_found(study, series, instance)
     loc = locations[0]
-    try:
-        as_stored = frames_as_stored(request.headers.get("Accept", ""), loc.transfer_syntax_uid)
-    except NotAcceptable as exc:
-        return error(406, str(exc))
+    as_stored = frames_as_stored(request.headers.get("Accept", ""), loc.transfer_syntax_uid)
     with get_archive().store.open(loc.object_key) as f:
         ds = load_dataset(f.read())
     count = number_of_frames(ds)
