@@ -1,4 +1,4 @@
-"""The catalogue's tables: patients, studies, series, instances, facilities.
+"""The catalogue's tables: patients, studies, series, instances, facilities; people and the audit log.
 
 Dates and times are kept as DICOM strings (``YYYYMMDD``, ``HHMMSS.FFFFFF``):
 they sort and range-match as text, the same on SQLite and PostgreSQL.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -29,8 +29,86 @@ class Facility(Base):
     __tablename__ = "facilities"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    code: Mapped[str] = mapped_column(String(64), unique=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)  # what studies.facility and instances.facility hold
     name: Mapped[str] = mapped_column(String(256), default="")
+    tier: Mapped[str] = mapped_column(String(16), default="district")  # central | provincial | district | commune
+
+    ae_titles: Mapped[list[FacilityAETitle]] = relationship(back_populates="facility", cascade="all, delete-orphan")
+    users: Mapped[list[User]] = relationship(back_populates="facility")
+
+
+class FacilityAETitle(Base):
+    """A DICOM AE title that belongs to a facility: what it sends is that facility's."""
+
+    __tablename__ = "facility_ae_titles"
+
+    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    facility_fk: Mapped[int] = mapped_column(ForeignKey("facilities.id", ondelete="CASCADE"), index=True)
+
+    facility: Mapped[Facility] = relationship(back_populates="ae_titles")
+
+
+class User(Base):
+    """A person who logs in. ``role``: requester | specialist | coordinator | observer | admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(256), default="")
+    email: Mapped[str] = mapped_column(String(256), default="")
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id (argon2-cffi's PasswordHasher)
+    role: Mapped[str] = mapped_column(String(16))
+    facility_fk: Mapped[int] = mapped_column(ForeignKey("facilities.id"), index=True)
+    specialty: Mapped[str] = mapped_column(String(64), default="")  # e.g. radiology, cardiology (specialists)
+    certificate_number: Mapped[str] = mapped_column(String(64), default="")  # practising certificate (specialists)
+    certificate_scope: Mapped[str] = mapped_column(String(256), default="")
+    language: Mapped[str] = mapped_column(String(8), default="")  # preferred UI language, '' = from the browser
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    facility: Mapped[Facility] = relationship(back_populates="users")
+
+
+class ApiToken(Base):
+    """A bearer token for DICOMweb clients, acting as its user. Only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEntry(Base):
+    """One line of the append-only audit log (``archive.audit``).
+
+    ``entry_hash`` = SHA-256 over ``prev_hash`` and the canonical JSON of this row's
+    other fields, so editing or deleting any row breaks the chain from there on.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_object", "object_type", "object_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_fk: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # username, or e.g. "dicom:MODALITY1@10.0.0.5", "cli"
+    action: Mapped[str] = mapped_column(String(64))  # an AuditAction value
+    object_type: Mapped[str] = mapped_column(String(32), default="")  # study | series | instance | consult | user ...
+    object_id: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
 class Patient(Base):
@@ -219,6 +297,10 @@ class ForwardItem(Base):
 __all__ = [
     "Base",
     "Facility",
+    "FacilityAETitle",
+    "User",
+    "ApiToken",
+    "AuditEntry",
     "Patient",
     "PatientConflict",
     "Study",

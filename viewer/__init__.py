@@ -19,8 +19,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
 
     from viewer.dicomweb import bp as dicomweb
+    from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
 
+    init_i18n(app)
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
 
