@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
-
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -165,6 +165,82 @@ _BUMP_SERIES = (
 _PATIENT_CHECKED = (("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"), ("sex", "PatientSex"))
 
 
+class _ThreadReaders:
+    """One autocommit DBAPI connection per thread, outside the pool, for the per-request lookups.
+
+    A rendered slice or a frame needs one indexed row per request. Through a pooled SQLAlchemy
+    connection that costs about 0.45 ms (checkout, BEGIN, statement cache, ROLLBACK, checkin);
+    the same precompiled statement on a connection the thread keeps costs 0.02–0.05 ms. Nothing is
+    cached but the connection: every lookup reads the committed index, so a replaced instance is
+    seen at once by every process.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[Any] = []
+        self._compiled: dict[int, tuple[str, tuple[str, ...] | None]] = {}
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            pooled = self._engine.raw_connection()  # the engine's connect events run (SQLite pragmas)
+            conn = pooled.driver_connection
+            pooled.detach()  # ours for the thread's life, not counted against the pool
+            if self._engine.dialect.name == "postgresql":
+                conn.autocommit = True  # no transaction left idle between requests
+            self._local.conn = conn
+            with self._lock:
+                self._open.append(conn)
+        return conn
+
+    def _sql(self, stmt: Select[Any]) -> tuple[str, tuple[str, ...] | None]:
+        found = self._compiled.get(id(stmt))
+        if found is None:
+            compiled = stmt.compile(dialect=self._engine.dialect)
+            order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            found = self._compiled[id(stmt)] = (compiled.string, order)
+        return found
+
+    def fetch(self, stmt: Select[Any], params: dict[str, Any]) -> list[Sequence[Any]]:
+        """The rows of a module-level (long-lived) statement; :class:`IndexUnavailable` on failure."""
+        sql, order = self._sql(stmt)
+        args: Any = [params[name] for name in order] if order is not None else params
+        conn = self._connection()
+        try:
+            cur = conn.cursor()
+            try:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+            finally:
+                cur.close()
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            self._drop(conn)  # a broken connection is reopened by the next lookup
+            raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
+
+    def _drop(self, conn: Any) -> None:
+        self._local.conn = None
+        with self._lock:
+            if conn in self._open:
+                self._open.remove(conn)
+        try:
+            conn.close()
+        except self._engine.dialect.loaded_dbapi.Error:
+            pass
+
+    def close(self) -> None:
+        """Close every thread's connection (the threads open new ones if they look up again)."""
+        with self._lock:
+            conns, self._open = self._open, []
+        self._local = threading.local()
+        for conn in conns:
+            try:
+                conn.close()
+            except self._engine.dialect.loaded_dbapi.Error:
+                pass
+
+
 class CatalogIndex:
     """Patients, studies, series and instances in a SQL database."""
 
@@ -174,6 +250,12 @@ class CatalogIndex:
         self._write_engine = write_engine(engine)
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._known_series = _LRU(4096)
+        self._readers = _ThreadReaders(engine)
+
+    def close(self) -> None:
+        """Close the lookup connections and the engine's pool."""
+        self._readers.close()
+        self.engine.dispose()
 
     def session(self) -> Session:
         """A session for reading."""
@@ -205,9 +287,10 @@ class CatalogIndex:
         """The instances of a study (or of one series, or one instance), in series and display order."""
         params = {"study": study_uid, "series": series_uid, "sop": sop_instance_uid}
         if sop_instance_uid is not None:
+            # One row, asked for on every rendered slice or frame: the thread's own connection.
             stmt = _INSTANCE_LOCATION if series_uid is not None else _STUDY_INSTANCE_LOCATION
-        else:
-            stmt = _SERIES_LOCATIONS if series_uid is not None else _LOCATIONS
+            return [InstanceLocation(*row) for row in self._readers.fetch(stmt, params)]
+        stmt = _SERIES_LOCATIONS if series_uid is not None else _LOCATIONS
         try:
             with self.engine.connect() as conn:
                 return [InstanceLocation(*row) for row in conn.execute(stmt, params)]

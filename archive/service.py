@@ -159,7 +159,7 @@ class Archive:
 
     def close(self) -> None:
         self.store.close()
-        self.index.engine.dispose()
+        self.index.close()
 
     # -- ingest ------------------------------------------------------------
 

@@ -553,11 +553,31 @@ class RenderRequest:
     quality: int
     fmt: ImageFormat
 
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.window}|{self.viewport}|{self.quality}|{self.fmt.value}"
 
 
+# Parsed rendering parameters by (query string, Accept, defaults): a warm request (the same URL again)
+# skips parsing. Only valid requests are kept; the dict is emptied when full (a plain bound, no LRU
+# bookkeeping on the hot path; dict operations are atomic under the GIL).
+_PARSED_RENDER_REQUESTS: dict[tuple[bytes, str, str | None, int], RenderRequest] = {}
+_PARSED_RENDER_REQUESTS_MAX = 4096
+
+
 def _render_request(default_viewport: str | None = None, default_quality: int = 90) -> RenderRequest:
+    """The rendering parameters of this request (400 for malformed ones, 406 for an unusable Accept)."""
+    key = (request.query_string, request.headers.get("Accept", ""), default_viewport, default_quality)
+    wanted = _PARSED_RENDER_REQUESTS.get(key)
+    if wanted is None:
+        wanted = _parse_render_request(default_viewport, default_quality)
+        if len(_PARSED_RENDER_REQUESTS) >= _PARSED_RENDER_REQUESTS_MAX:
+            _PARSED_RENDER_REQUESTS.clear()
+        _PARSED_RENDER_REQUESTS[key] = wanted
+    return wanted
+
+
+def _parse_render_request(default_viewport: str | None, default_quality: int) -> RenderRequest:
     try:
         window = parse_window(request.args["window"]) if request.args.get("window") else None
         viewport_text = request.args.get("viewport") or default_viewport
@@ -572,8 +592,8 @@ def _render_request(default_viewport: str | None = None, default_quality: int = 
 
 def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> ResponseReturnValue:
     """Frame ``frame_number`` (1-based) of an instance, rendered, with ETag and the caches."""
-    etag = blake3(f"{loc.checksum}|{frame_number}|{wanted.key()}".encode()).hexdigest()[:32]
-    if etag in request.if_none_match:
+    etag = blake3(f"{loc.checksum}|{frame_number}|{wanted.key}".encode()).hexdigest()[:32]
+    if "If-None-Match" in request.headers and etag in request.if_none_match:
         return Response(status=304, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
     frames, images = _render_caches()
     image = images.get(etag)

@@ -312,13 +312,19 @@ def grey_transform(ds: Dataset, window: Window | None = None) -> GreyTransform:
 
 
 @lru_cache(maxsize=64)
-def _display_table(transform: GreyTransform, dtype: str) -> np.ndarray:
-    """The uint8 display level of every value of ``dtype`` (int8/uint8/int16/uint16), indexed unsigned."""
+def _display_table(transform: GreyTransform, dtype: str, lo: int, hi: int) -> np.ndarray:
+    """The uint8 display level of the values ``lo .. hi`` of ``dtype`` (int8/uint8/int16/uint16).
+
+    Indexed by the value's unsigned bit pattern (``-1`` → 65535 for int16), with all 2**bits entries
+    so that any value of the type is a valid index; only those in ``lo .. hi`` (the frame's range)
+    are computed, the others stay 0. A CT slice spans a few thousand of the 65,536 values: a new
+    window costs a table of that size, not of the whole type.
+    """
     kind, size = dtype[0], int(dtype[1:])
-    domain = np.arange(1 << (8 * size), dtype=f"u{size}")
-    if kind == "i":
-        domain = domain.view(f"i{size}")  # index u -> signed value, e.g. 65535 -> -1
-    return transform.apply(domain)
+    table = np.zeros(1 << (8 * size), dtype=np.uint8)
+    domain = np.arange(lo, hi + 1, dtype=f"{kind}{size}")
+    table[domain.view(f"u{size}")] = transform.apply(domain)
+    return table
 
 
 def to_grey_levels(arr: np.ndarray, transform: GreyTransform) -> np.ndarray:
@@ -330,9 +336,10 @@ def to_grey_levels(arr: np.ndarray, transform: GreyTransform) -> np.ndarray:
     if transform.window is None and transform.voi_lut is None:
         transform = GreyTransform(transform.modality, _frame_default_window(arr, transform.modality),
                                   None, transform.monochrome1)
-    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
-        table = _display_table(transform, f"{arr.dtype.kind}{arr.dtype.itemsize}")
-        return np.take(table, arr.view(f"u{arr.dtype.itemsize}"))
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.size:
+        table = _display_table(transform, f"{arr.dtype.kind}{arr.dtype.itemsize}", int(arr.min()), int(arr.max()))
+        # mode="clip" skips numpy's bounds check (a third of the time); every index is in the table anyway.
+        return np.take(table, arr.view(f"u{arr.dtype.itemsize}"), mode="clip")
     return transform.apply(arr)
 
 
