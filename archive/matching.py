@@ -436,25 +436,31 @@ def attribute_for(keyword: str, level: Level) -> Attribute:
     return attribute
 
 
-def build_query(level: str | Level, keys: Sequence[MatchKey], *, fuzzy: bool = False) -> Select[Any]:
+def build_query(level: str | Level, keys: Sequence[MatchKey], *, fuzzy: bool = False,
+                columns: Sequence[ColumnElement[Any]] | None = None, join_up_to: Level | None = None) -> Select[Any]:
     """A SELECT of the ``level`` rows matching every key, ordered by id.
 
     Keys of higher levels join the rows upwards (an IMAGE query with a
     PatientID joins instances → series → studies → patients). Keys below
     ``level`` and unknown keywords raise :class:`UnsupportedKey`; malformed
     values raise :class:`InvalidValue`.
+
+    By default the rows are ``level``'s ORM entities. With ``columns``, those
+    columns are selected instead (a Core row per match, no ORM objects), and
+    ``join_up_to`` names the highest level the columns come from, so that its
+    rows are joined even when no key matches on them.
     """
     level = parse_level(level)
     entity = ENTITIES[level]
     conditions: list[ColumnElement[bool]] = []
-    top = level.depth
+    top = level.depth if join_up_to is None else min(level.depth, join_up_to.depth)
     for key in keys:
         attribute = attribute_for(key.keyword, level)
         condition = match_attribute(attribute, key.value, fuzzy=fuzzy if key.fuzzy is None else key.fuzzy)
         if condition is not None:
             conditions.append(condition)
             top = min(top, attribute.level.depth)
-    stmt: Select[Any] = select(entity)
+    stmt: Select[Any] = select(entity) if columns is None else select(*columns).select_from(entity)
     if level.depth >= 3 > top:
         stmt = stmt.join(Series, Instance.series_fk == Series.id)
     if level.depth >= 2 > top:

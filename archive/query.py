@@ -27,12 +27,11 @@ Study Root models).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import contains_eager, joinedload
-from sqlalchemy.sql import util as sql_util
+from sqlalchemy.orm import aliased
 
 from archive.index import CatalogIndex, IndexUnavailable
 from archive.matching import (
@@ -50,49 +49,56 @@ BATCH = 200  # rows fetched from the database at a time
 
 Row = dict[str, str | int]
 
+_OtherStudy = aliased(Study)
 
-def _text(value: Any) -> str | int:
-    return "" if value is None else value
-
-
-# How each keyword's value is read from a row of its level (the row's own
-# entity, or one reached by the many-to-one links upwards).
-_PATIENT_VALUES: dict[str, Callable[[Patient], str | int]] = {
-    "PatientName": lambda p: p.patient_name,
-    "PatientID": lambda p: p.patient_id,
-    "PatientBirthDate": lambda p: p.birth_date,
-    "PatientSex": lambda p: p.sex,
+# The column each keyword is read from, by level. Rows are plain Core rows of
+# these columns (no ORM objects: loading entities, their JSON columns decoded,
+# was most of a listing's time).
+_PATIENT_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "PatientName": Patient.patient_name,  # type: ignore[dict-item]
+    "PatientID": Patient.patient_id,  # type: ignore[dict-item]
+    "PatientBirthDate": Patient.birth_date,  # type: ignore[dict-item]
+    "PatientSex": Patient.sex,  # type: ignore[dict-item]
+    "NumberOfPatientRelatedStudies": (select(func.count(_OtherStudy.id))
+                                      .where(_OtherStudy.patient_fk == Patient.id).scalar_subquery()),
 }
-_STUDY_VALUES: dict[str, Callable[[Study], str | int]] = {
-    "StudyInstanceUID": lambda s: s.study_uid,
-    "StudyDate": lambda s: s.study_date,
-    "StudyTime": lambda s: s.study_time,
-    "AccessionNumber": lambda s: s.accession_number,
-    "StudyDescription": lambda s: s.study_description,
-    "ReferringPhysicianName": lambda s: s.referring_physician_name,
-    "StudyID": lambda s: s.study_id,
-    "ModalitiesInStudy": lambda s: s.modalities_in_study,
-    "NumberOfStudyRelatedSeries": lambda s: s.num_series,
-    "NumberOfStudyRelatedInstances": lambda s: s.num_instances,
+_STUDY_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "StudyInstanceUID": Study.study_uid,  # type: ignore[dict-item]
+    "StudyDate": Study.study_date,  # type: ignore[dict-item]
+    "StudyTime": Study.study_time,  # type: ignore[dict-item]
+    "AccessionNumber": Study.accession_number,  # type: ignore[dict-item]
+    "StudyDescription": Study.study_description,  # type: ignore[dict-item]
+    "ReferringPhysicianName": Study.referring_physician_name,  # type: ignore[dict-item]
+    "StudyID": Study.study_id,  # type: ignore[dict-item]
+    "ModalitiesInStudy": Study.modalities_in_study,  # type: ignore[dict-item]
+    "NumberOfStudyRelatedSeries": Study.num_series,  # type: ignore[dict-item]
+    "NumberOfStudyRelatedInstances": Study.num_instances,  # type: ignore[dict-item]
 }
-_SERIES_VALUES: dict[str, Callable[[Series], str | int]] = {
-    "SeriesInstanceUID": lambda s: s.series_uid,
-    "Modality": lambda s: s.modality,
-    "SeriesNumber": lambda s: _text(s.series_number),
-    "SeriesDescription": lambda s: s.series_description,
-    "BodyPartExamined": lambda s: s.body_part_examined,
-    "NumberOfSeriesRelatedInstances": lambda s: s.num_instances,
+_SERIES_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "SeriesInstanceUID": Series.series_uid,  # type: ignore[dict-item]
+    "Modality": Series.modality,  # type: ignore[dict-item]
+    "SeriesNumber": Series.series_number,  # type: ignore[dict-item]
+    "SeriesDescription": Series.series_description,  # type: ignore[dict-item]
+    "BodyPartExamined": Series.body_part_examined,  # type: ignore[dict-item]
+    "NumberOfSeriesRelatedInstances": Series.num_instances,  # type: ignore[dict-item]
 }
-_INSTANCE_VALUES: dict[str, Callable[[Instance], str | int]] = {
-    "SOPInstanceUID": lambda i: i.sop_instance_uid,
-    "SOPClassUID": lambda i: i.sop_class_uid,
-    "InstanceNumber": lambda i: _text(i.instance_number),
+_INSTANCE_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "SOPInstanceUID": Instance.sop_instance_uid,  # type: ignore[dict-item]
+    "SOPClassUID": Instance.sop_class_uid,  # type: ignore[dict-item]
+    "InstanceNumber": Instance.instance_number,  # type: ignore[dict-item]
     # Return keys only (QIDO-RS instance defaults, PS3.18 Table 10.6.3-5), from the index.
-    "Rows": lambda i: _text(i.rows),
-    "Columns": lambda i: _text(i.columns),
-    "NumberOfFrames": lambda i: i.number_of_frames,
-    "BitsAllocated": lambda i: _text((i.display or {}).get("BitsAllocated")),
-    "TransferSyntaxUID": lambda i: i.transfer_syntax_uid,  # as stored (retrieve builds its contexts from it)
+    "Rows": Instance.rows,  # type: ignore[dict-item]
+    "Columns": Instance.columns,  # type: ignore[dict-item]
+    "NumberOfFrames": Instance.number_of_frames,  # type: ignore[dict-item]
+    # Read from the display JSON by the database (JSON_EXTRACT / ->>), not by decoding it here.
+    "BitsAllocated": Instance.display["BitsAllocated"].as_integer(),
+    "TransferSyntaxUID": Instance.transfer_syntax_uid,  # type: ignore[dict-item]  # as stored
+}
+_COLUMNS: dict[str, tuple[Level, ColumnElement[Any]]] = {
+    **{k: (Level.PATIENT, c) for k, c in _PATIENT_COLUMNS.items()},
+    **{k: (Level.STUDY, c) for k, c in _STUDY_COLUMNS.items()},
+    **{k: (Level.SERIES, c) for k, c in _SERIES_COLUMNS.items()},
+    **{k: (Level.IMAGE, c) for k, c in _INSTANCE_COLUMNS.items()},
 }
 
 # Return keys computed from the index rather than matched on a column (PS3.4 C.3.4).
@@ -104,13 +110,7 @@ COMPUTED: dict[str, Level] = {
 }
 
 # Every keyword find() can return, with its level.
-RETURN_KEYS: dict[str, Level] = {
-    **{k: Level.PATIENT for k in _PATIENT_VALUES},
-    **{k: Level.STUDY for k in _STUDY_VALUES},
-    **{k: Level.SERIES for k in _SERIES_VALUES},
-    **{k: Level.IMAGE for k in _INSTANCE_VALUES},
-    **COMPUTED,
-}
+RETURN_KEYS: dict[str, Level] = {**{k: level for k, (level, _) in _COLUMNS.items()}, **COMPUTED}
 
 
 def _sort_keys(level: Level, keys: Sequence[MatchKey]) -> tuple[list[MatchKey], list[str]]:
@@ -137,54 +137,23 @@ def _sort_keys(level: Level, keys: Sequence[MatchKey]) -> tuple[list[MatchKey], 
     return matching, returned
 
 
-def _row_values(entity: Any, level: Level, wanted: list[str],
-                patient_studies: Callable[[int], int]) -> Row:
-    """The wanted keywords' values from one result row of ``level``."""
-    instance = entity if level is Level.IMAGE else None
-    series = instance.series if instance is not None else (entity if level is Level.SERIES else None)
-    study = series.study if series is not None else (entity if level is Level.STUDY else None)
-    patient = study.patient if study is not None else entity
-    row: Row = {}
-    for keyword in wanted:
-        if keyword in _PATIENT_VALUES:
-            row[keyword] = _PATIENT_VALUES[keyword](patient)
-        elif keyword in _STUDY_VALUES and study is not None:
-            row[keyword] = _STUDY_VALUES[keyword](study)
-        elif keyword in _SERIES_VALUES and series is not None:
-            row[keyword] = _SERIES_VALUES[keyword](series)
-        elif keyword in _INSTANCE_VALUES and instance is not None:
-            row[keyword] = _INSTANCE_VALUES[keyword](instance)
-        elif keyword == "NumberOfPatientRelatedStudies":
-            row[keyword] = patient_studies(patient.id)
-    return row
-
-
-# The many-to-one links from each level's rows upwards, in order.
-_PARENTS: dict[Level, list[Any]] = {
-    Level.IMAGE: [Instance.series, Series.study, Study.patient],
-    Level.SERIES: [Series.study, Study.patient],
-    Level.STUDY: [Study.patient],
-    Level.PATIENT: [],
+_IDS: dict[Level, ColumnElement[Any]] = {
+    Level.PATIENT: Patient.id,  # type: ignore[dict-item]
+    Level.STUDY: Study.id,  # type: ignore[dict-item]
+    Level.SERIES: Series.id,  # type: ignore[dict-item]
+    Level.IMAGE: Instance.id,  # type: ignore[dict-item]
 }
 
 
-def _with_parents(stmt: Any, level: Level) -> Any:
-    """Load the rows above ``level`` with the result rows (many-to-one joins, one query).
+def select_matches(level: Level, matching: Sequence[MatchKey], returned: Sequence[str], *,
+                   fuzzy: bool = False) -> Any:
+    """The Core SELECT of the ``returned`` keywords' columns of the rows matching every key, by id.
 
-    A parent table that the matching already joined (a PatientName key in a
-    STUDY query) is loaded from that join (``contains_eager``) rather than
-    joined a second time: the second join made PostgreSQL hash the whole
-    patients table to fetch a few dozen names.
+    The levels above ``level`` are joined only as far as a key or a returned keyword needs, each once.
     """
-    joined = {table for from_ in stmt.get_final_froms() for table in sql_util.find_tables(from_)}
-    option: Any = None
-    for link in _PARENTS[level]:
-        parent_joined = link.property.mapper.local_table in joined
-        if option is None:
-            option = contains_eager(link) if parent_joined else joinedload(link, innerjoin=True)
-        else:
-            option = option.contains_eager(link) if parent_joined else option.joinedload(link, innerjoin=True)
-    return stmt if option is None else stmt.options(option)
+    columns = [_COLUMNS[keyword][1].label(keyword) for keyword in returned] or [_IDS[level]]
+    highest = min((_COLUMNS[keyword][0] for keyword in returned), key=lambda lv: lv.depth, default=level)
+    return build_query(level, matching, fuzzy=fuzzy, columns=columns, join_up_to=highest)
 
 
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
@@ -217,36 +186,26 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     Notes
     -----
     Rows are read ``BATCH`` at a time (``yield_per``), never all at once; the
-    database session stays open until the iterator is exhausted or closed.
+    database connection stays open until the iterator is exhausted or closed.
     Values are as indexed: DICOM strings for dates and times, ``int`` for
     numbers and counts, ``""`` for an unknown number.
     """
     level = parse_level(level)
     matching, returned = _sort_keys(level, keys)
-    stmt = _with_parents(build_query(level, matching, fuzzy=fuzzy), level)
-    return _stream(index, level, stmt.execution_options(yield_per=BATCH), returned)
+    returned = list(dict.fromkeys(returned))
+    stmt = select_matches(level, matching, returned, fuzzy=fuzzy)
+    return _stream(index, stmt, returned)
 
 
-def _stream(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> Iterator[Row]:
+def _stream(index: CatalogIndex, stmt: Any, returned: list[str]) -> Iterator[Row]:
     try:
-        yield from _rows(index, level, stmt, returned)
+        with index.engine.connect() as conn:
+            for batch in conn.execution_options(yield_per=BATCH).execute(stmt).partitions():
+                for values in batch:
+                    yield {keyword: "" if value is None else value for keyword, value in zip(returned, values)}
     except SQLAlchemyError as exc:
         raise IndexUnavailable(f"index query failed: {exc.__class__.__name__}: {exc}") from None
 
 
-def _rows(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> Iterator[Row]:
-    with index.session() as session:
-        counts: dict[int, int] = {}
-
-        def patient_studies(patient_id: int) -> int:
-            if patient_id not in counts:
-                counts[patient_id] = session.scalar(
-                    select(func.count(Study.id)).where(Study.patient_fk == patient_id)) or 0
-            return counts[patient_id]
-
-        for entity in session.execute(stmt).scalars():
-            yield _row_values(entity, level, returned, patient_studies)
-
-
 __all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "UnsupportedKey",
-           "find"]
+           "find", "select_matches"]

@@ -17,8 +17,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import orjson
 import pydicom
 from blake3 import blake3
 from flask import Blueprint, Response, current_app, request, stream_with_context
@@ -106,9 +107,13 @@ def _tag_and_vr(keyword: str) -> tuple[str, str]:
 def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
     """(tag as 8 hex digits, DICOM JSON attribute) for an index value."""
     tag, vr = _tag_and_vr(keyword)
-    attribute: dict[str, Any] = {"vr": vr}
+    return tag, _json_value(vr, value)
+
+
+def _json_value(vr: str, value: Any) -> dict[str, Any]:
+    """The DICOM JSON attribute of VR ``vr`` for an index value (multiple values separated by a backslash)."""
     if value is None or value == "":
-        return tag, attribute
+        return {"vr": vr}
     if isinstance(value, int):
         values: list[Any] = [value]
     elif vr == "PN":
@@ -119,42 +124,56 @@ def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
         values = [float(v) for v in str(value).split("\\") if v.strip()]
     else:
         values = str(value).split("\\")
-    attribute["Value"] = values
-    return tag, attribute
+    return {"vr": vr, "Value": values}
 
 
-def _url(*uids: str) -> str:
+def _base_url() -> str:
+    """This server's URL (a configured public URL wins: behind a proxy, or for clients such as
+    dicomweb-client that send Host without the port) followed by the DICOMweb prefix."""
+    base = current_app.config["TELEPACS_SETTINGS"].public_url or request.host_url.rstrip("/")
+    return base + bp.url_prefix  # type: ignore[operator]
+
+
+def _url(*uids: str, base: str | None = None) -> str:
     parts = ["studies", uids[0]]
     if len(uids) > 1:
         parts += ["series", uids[1]]
     if len(uids) > 2:
         parts += ["instances", uids[2]]
-    # A configured public URL wins: behind a proxy, or for clients (dicomweb-client) that send Host without the port.
-    base = current_app.config["TELEPACS_SETTINGS"].public_url or request.host_url.rstrip("/")
-    return base + bp.url_prefix + "/" + "/".join(parts)  # type: ignore[operator]
-
-
-def _retrieve_url(level: Level, row: dict[str, Any]) -> str | None:
-    uids = [str(row.get(k) or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-    depth = {Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}.get(level, 0)
-    if depth == 0 or not all(uids[:depth]):
-        return None
-    return _url(*uids[:depth])
+    return (base or _base_url()) + "/" + "/".join(parts)
 
 
 _JSON_CHUNK = 64 * 1024  # objects are sent in chunks of about this size, not one write per object
 
 
+_JSON_BATCH = 64  # objects encoded by one call (a call per object cost more than the encoding)
+
+
 def _json_stream(objects: Iterator[dict[str, Any]]) -> Iterator[bytes]:
     buffer = [b"["]
     size = 1
-    for number, obj in enumerate(objects):
-        part = (b"," if number else b"") + json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        buffer.append(part)
-        size += len(part)
-        if size >= _JSON_CHUNK:
-            yield b"".join(buffer)
-            buffer, size = [], 0
+    batch: list[dict[str, Any]] = []
+    first = True
+
+    def encoded() -> bytes:
+        nonlocal first
+        # orjson: UTF-8 out directly, ~20x faster than json.dumps on a 300-instance listing (7 ms there).
+        part = (b"" if first else b",") + orjson.dumps(batch)[1:-1]  # the objects, without the list's brackets
+        first = False
+        batch.clear()
+        return part
+
+    for obj in objects:
+        batch.append(obj)
+        if len(batch) >= _JSON_BATCH:
+            part = encoded()
+            buffer.append(part)
+            size += len(part)
+            if size >= _JSON_CHUNK:
+                yield b"".join(buffer)
+                buffer, size = [], 0
+    if batch:
+        buffer.append(encoded())
     buffer.append(b"]")
     yield b"".join(buffer)
 
@@ -245,12 +264,13 @@ def _search(level: Level, study_uid: str | None = None, series_uid: str | None =
         raise BadRequest(str(exc)) from None
     page = islice(rows, search.offset, search.offset + (search.limit or MAX_LIMIT))
     first = next(page, None)  # run the query before answering, so a failure gets its status
+    result = _result_builder(level, wanted, _base_url())
 
     def objects() -> Iterator[dict[str, Any]]:
         for row in ([first] if first is not None else []):
-            yield _result(level, row, wanted)
+            yield result(row)
         for row in page:
-            yield _result(level, row, wanted)
+            yield result(row)
 
     headers = {}
     if search.capped:
@@ -258,16 +278,33 @@ def _search(level: Level, study_uid: str | None = None, series_uid: str | None =
     return Response(stream_with_context(_json_stream(objects())), mimetype=DICOM_JSON, headers=headers)
 
 
-def _result(level: Level, row: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for keyword in wanted:
-        if keyword in row or RETURN_KEYS.get(keyword) is None or RETURN_KEYS[keyword].depth <= level.depth:
-            tag, attribute = json_attribute(keyword, row.get(keyword))
-            obj[tag] = attribute
-    url = _retrieve_url(level, row)
-    if url:
-        obj["00081190"] = {"vr": "UR", "Value": [url]}
-    return dict(sorted(obj.items()))
+_RETRIEVE_URL_TAG = "00081190"
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_URL_DEPTH = {Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}
+
+
+def _result_builder(level: Level, wanted: list[str], base: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function from an index row to its DICOM JSON object (attributes in tag order, with the
+    Retrieve URL), with the per-keyword work (tag, VR, order) done once per search, not per row."""
+    shown = [k for k in wanted if RETURN_KEYS.get(k) is None or RETURN_KEYS[k].depth <= level.depth]
+    columns = sorted((*_tag_and_vr(keyword), keyword) for keyword in dict.fromkeys(shown))
+    depth = _URL_DEPTH.get(level, 0)
+    url_keywords = _UID_KEYWORDS[:depth]
+    before_url = [c for c in columns if c[0] < _RETRIEVE_URL_TAG]
+    after_url = [c for c in columns if c[0] > _RETRIEVE_URL_TAG]
+
+    def result(row: dict[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for tag, vr, keyword in before_url:
+            obj[tag] = _json_value(vr, row.get(keyword))
+        uids = [row.get(k) for k in url_keywords]
+        if depth and all(uids):
+            obj[_RETRIEVE_URL_TAG] = {"vr": "UR", "Value": [_url(*map(str, uids), base=base)]}
+        for tag, vr, keyword in after_url:
+            obj[tag] = _json_value(vr, row.get(keyword))
+        return obj
+
+    return result
 
 
 def _uid(value: str) -> str:

@@ -93,16 +93,23 @@ def test_family_name_prefix_still_matches_alone(loaded: Archive) -> None:
     assert expected and sorted(str(r["StudyInstanceUID"]) for r in rows) == sorted(expected)
 
 
-def test_parents_already_joined_by_the_matching_are_not_joined_again(loaded: Archive) -> None:
-    """A PatientName key joins patients once: the rows load from that join (no second, unfiltered join)."""
-    from archive.query import _with_parents
+def test_parents_are_joined_once_and_only_when_needed(loaded: Archive) -> None:
+    """A PatientName key joins patients once: the returned patient columns come from that join (no
+    second, unfiltered join); a query that neither matches nor returns a patient attribute does not
+    join patients at all."""
+    from archive.query import select_matches
 
     engine = loaded.index.engine
-    for level, keys in [(Level.STUDY, [MatchKey("PatientName", "Nguyễn^Văn*", fuzzy=True)]),
-                        (Level.IMAGE, [MatchKey("PatientID", "P00000001"), MatchKey("Modality", "CT")]),
-                        (Level.STUDY, [MatchKey("StudyDate", "20200101")])]:
-        sql = str(_with_parents(build_query(level, keys), level).compile(engine))
-        assert sql.count("JOIN patients") == 1, sql
+    for level, keys, returned, joins in [
+        (Level.STUDY, [MatchKey("PatientName", "Nguyễn^Văn*", fuzzy=True)], ["PatientName", "StudyInstanceUID"], 1),
+        (Level.IMAGE, [MatchKey("PatientID", "P00000001"), MatchKey("Modality", "CT")],
+         ["PatientID", "Modality", "SOPInstanceUID"], 1),
+        (Level.STUDY, [MatchKey("StudyDate", "20200101")], ["PatientName", "StudyDate"], 1),
+        (Level.STUDY, [MatchKey("StudyDate", "20200101")], ["StudyDate", "StudyInstanceUID"], 0),
+        (Level.IMAGE, [MatchKey("SeriesInstanceUID", "1.2.3")], ["SOPInstanceUID", "StudyInstanceUID"], 0),
+    ]:
+        sql = str(select_matches(level, keys, returned).compile(engine))
+        assert sql.count("JOIN patients") == joins, sql
     rows = list(find(loaded.index, Level.IMAGE, [MatchKey("PatientName", "NGUYEN*", fuzzy=True),
                                                  MatchKey("SOPInstanceUID", "")]))
     assert rows and all(str(r["PatientName"]).startswith("Nguyễn") for r in rows)
