@@ -307,6 +307,19 @@ def test_table_path_equals_direct_computation(dtype, bits, photometric):
     np.testing.assert_array_equal(to_grey_levels(pixels, sigmoid), sigmoid.apply(pixels))
 
 
+def test_tables_of_frames_with_different_value_ranges_are_not_shared():
+    """Tables are built over each frame's value range: a later frame with other values (same window)
+    gets its own table, not the entries the first frame left at 0."""
+    rng = np.random.default_rng(4)
+    first = rng.integers(-1500, 1426, size=(64, 64), dtype=np.int16)
+    second = rng.integers(-3000, 3000, size=(64, 64), dtype=np.int16)
+    ds = new_image(first, "MONOCHROME2", bits_stored=16, RescaleSlope=1, RescaleIntercept=0,
+                   WindowCenter=40, WindowWidth=400)
+    transform = grey_transform(ds)
+    for pixels in (first, second, first[:8, :8]):
+        np.testing.assert_array_equal(to_grey_levels(pixels, transform), transform.apply(pixels))
+
+
 # ---------------------------------------------------------------------------------------------- colour
 def test_ybr_full_to_rgb_matches_pydicom():
     rgb = np.random.default_rng(3).integers(0, 256, size=(48, 64, 3)).astype(np.uint8)

@@ -93,6 +93,34 @@ def test_etag_and_conditional_get(loaded):
     assert other.headers["ETag"] != etag
 
 
+def test_a_replaced_instance_gets_a_new_image_and_etag_at_once(web, tmp_path):
+    """The rendered-image cache and the ETag key on the stored object's checksum, read from the index
+    on every request: after a replacement (same UIDs, new pixels) the same URL answers the new image,
+    warm or conditional, never the cached old one."""
+    path = _multiframe(tmp_path / "first.dcm", frames=1)
+    assert _stow(web, [path]).status_code == 200
+    url = _url(web, path, "rendered") + "?window=2048,4096"
+    first = requests.get(url, timeout=30)
+    assert requests.get(url, timeout=30).content == first.content  # warm: from the cache
+    etag = first.headers["ETag"]
+    checksum = web.archive.index.instance_locations(*_uids(path))[0].checksum
+
+    replaced = pydicom.dcmread(path)
+    replaced.PixelData = np.full((16, 24), 3000, dtype=np.uint16).tobytes()
+    replaced.save_as(tmp_path / "second.dcm", enforce_file_format=True)
+    stored = _stow(web, [tmp_path / "second.dcm"])
+    assert stored.status_code == 200, stored.text
+    assert web.archive.index.instance_locations(*_uids(path))[0].checksum != checksum  # replaced, not kept
+
+    after = requests.get(url, timeout=30)
+    assert after.status_code == 200 and after.headers["ETag"] != etag
+    assert after.content == render_frame((tmp_path / "second.dcm").read_bytes(), 0, "2048,4096")
+    assert after.content != first.content
+    conditional = requests.get(url, timeout=30, headers={"If-None-Match": etag})
+    assert conditional.status_code == 200 and conditional.content == after.content
+    assert requests.get(url, timeout=30, headers={"If-None-Match": after.headers["ETag"]}).status_code == 304
+
+
 def test_frames_of_a_multiframe(web, tmp_path):
     path = _multiframe(tmp_path / "mf.dcm")
     assert _stow(web, [path]).status_code == 200
