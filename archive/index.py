@@ -183,7 +183,7 @@ class _ThreadReaders:
         self._compiled: dict[int, tuple[str, tuple[str, ...] | None]] = {}
 
     def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+        conn: Any = getattr(self._local, "conn", None)
         if conn is None:
             pooled = self._engine.raw_connection()  # the engine's connect events run (SQLite pragmas)
             conn = pooled.driver_connection

@@ -151,9 +151,9 @@ def select_matches(level: Level, matching: Sequence[MatchKey], returned: Sequenc
 
     The levels above ``level`` are joined only as far as a key or a returned keyword needs, each once.
     """
-    columns = [_COLUMNS[keyword][1].label(keyword) for keyword in returned] or [_IDS[level]]
+    columns: list[ColumnElement[Any]] = [_COLUMNS[keyword][1].label(keyword) for keyword in returned]
     highest = min((_COLUMNS[keyword][0] for keyword in returned), key=lambda lv: lv.depth, default=level)
-    return build_query(level, matching, fuzzy=fuzzy, columns=columns, join_up_to=highest)
+    return build_query(level, matching, fuzzy=fuzzy, columns=columns or [_IDS[level]], join_up_to=highest)
 
 
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
