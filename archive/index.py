@@ -189,6 +189,7 @@ class _ThreadReaders:
             conn = pooled.driver_connection
             pooled.detach()  # ours for the thread's life, not counted against the pool
             if self._engine.dialect.name == "postgresql":
+                conn.rollback()  # end whatever the pool's checkout began, so autocommit may be set
                 conn.autocommit = True  # no transaction left idle between requests
             self._local.conn = conn
             with self._lock:
