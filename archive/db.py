@@ -67,7 +67,16 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         connect_args={"options": f"-c random_page_cost={POSTGRES_RANDOM_PAGE_COST}"})
+
+
+# PostgreSQL's default random_page_cost (4) assumes spinning disks. The index lives on SSD or in
+# memory, where an index probe costs about as much as a sequential read: with 4, the planner
+# hashed 22,000 patients or scanned all 100,000 studies for a name prefix matching a few dozen
+# (QIDO p95 60-90 ms at 1M instances); with 1.1 (the usual SSD setting) it probes the indexes
+# (p95 under 20 ms). Set for telepacs' sessions only, at connection start.
+POSTGRES_RANDOM_PAGE_COST = 1.1
 
 
 if TYPE_CHECKING:
