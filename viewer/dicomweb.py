@@ -144,8 +144,6 @@ def _url(*uids: str, base: str | None = None) -> str:
 
 
 _JSON_CHUNK = 64 * 1024  # objects are sent in chunks of about this size, not one write per object
-
-
 _JSON_BATCH = 64  # objects encoded by one call (a call per object cost more than the encoding)
 
 
