@@ -44,6 +44,7 @@ from archive.matching import (
     parse_level,
 )
 from archive.models import Instance, Patient, Series, Study
+from archive.scope import StudyScope
 
 BATCH = 200  # rows fetched from the database at a time
 
@@ -156,8 +157,26 @@ def select_matches(level: Level, matching: Sequence[MatchKey], returned: Sequenc
     return build_query(level, matching, fuzzy=fuzzy, columns=columns or [_IDS[level]], join_up_to=highest)
 
 
+def in_scope(stmt: Any, level: Level, scope: StudyScope | None) -> Any:
+    """``stmt`` (a SELECT of ``level`` rows) restricted to the rows of the studies in ``scope``.
+
+    A semi-join on the studies in scope, whatever the matching already joined
+    (an uncorrelated ``IN (SELECT ...)`` both engines plan as a hash or index lookup).
+    """
+    if scope is None or scope.everything:
+        return stmt
+    if level is Level.STUDY:
+        return stmt.where(scope.study_condition())
+    studies = select(Study.id).where(scope.study_condition())
+    if level is Level.SERIES:
+        return stmt.where(Series.study_fk.in_(studies))
+    if level is Level.IMAGE:
+        return stmt.where(Instance.series_fk.in_(select(Series.id).where(Series.study_fk.in_(studies))))
+    return stmt.where(Patient.id.in_(select(Study.patient_fk).where(scope.study_condition())))
+
+
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
-         fuzzy: bool = False) -> Iterator[Row]:
+         fuzzy: bool = False, scope: StudyScope | None = None) -> Iterator[Row]:
     """The rows of ``level`` matching every key, streamed, as {keyword: value} of the requested keys.
 
     Parameters
@@ -172,6 +191,8 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     fuzzy
         Case- and diacritic-insensitive matching of PatientName (see
         :func:`archive.matching.person_name_match`); a key's own ``fuzzy`` wins.
+    scope
+        Only rows of the studies in this scope (None: everything); filtered in SQL.
 
     Raises
     ------
@@ -193,7 +214,7 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     level = parse_level(level)
     matching, returned = _sort_keys(level, keys)
     returned = list(dict.fromkeys(returned))
-    stmt = select_matches(level, matching, returned, fuzzy=fuzzy)
+    stmt = in_scope(select_matches(level, matching, returned, fuzzy=fuzzy), level, scope)
     return _stream(index, stmt, returned)
 
 
@@ -207,5 +228,5 @@ def _stream(index: CatalogIndex, stmt: Any, returned: list[str]) -> Iterator[Row
         raise IndexUnavailable(f"index query failed: {exc.__class__.__name__}: {exc}") from None
 
 
-__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "UnsupportedKey",
-           "find", "select_matches"]
+__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "StudyScope",
+           "UnsupportedKey", "find", "in_scope", "select_matches"]
