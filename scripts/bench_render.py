@@ -7,7 +7,9 @@
 Servers (each started by this script on free loopback ports and stopped by its PID):
 
 - telepacs' web app under gunicorn, 2 gthread workers x 8 threads, as ``telepacs serve`` runs it
-  (access log on), file storage and SQLite in a fresh data dir, loaded with ``telepacs import``;
+  (access log on), file storage and SQLite in a fresh data dir, loaded with ``telepacs import`` into
+  facility BENCH; every telepacs request carries the API token of a specialist of BENCH (authentication
+  and the visibility check are measured with the rest);
 - Debian's Orthanc with the ``orthanc-dicomweb`` plugin (``TCP_NODELAY=1``), loaded with the same
   files through ``POST /instances``.
 
@@ -130,6 +132,29 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+BENCH_FACILITY = "BENCH"  # the imported studies belong to it; the bench user works there
+BENCH_USER = "bench"
+
+
+def bench_token(env: dict[str, str], facility: str = BENCH_FACILITY, user: str = BENCH_USER) -> str:
+    """A facility, a specialist of it and an API token of theirs, made with ``telepacs`` (the web app
+    answers only authenticated requests): every request of the benchmark carries the token, so the
+    per-request identity and visibility checks are part of what is measured."""
+    def cli(*args: str) -> str:
+        res = subprocess.run([telepacs_cli(), *args], env=env, capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=120)
+        if res.returncode != 0:
+            raise PeerError(f"telepacs {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res.stdout
+
+    cli("facility", "add", facility)
+    cli("user", "add", user, "--facility", facility, "--role", "specialist", "--random-password")
+    found = re.search(r"token \d+ for \S+: (\S+)", cli("token", "create", user))
+    if found is None:
+        raise PeerError("telepacs token create printed no token")
+    return found.group(1)
+
+
 class TelepacsWeb:
     """telepacs' web app under gunicorn (gthread), in its own data dir, stopped by PID."""
 
@@ -139,6 +164,7 @@ class TelepacsWeb:
         self.port = free_port()
         self.log = work_dir / "gunicorn.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token = ""  # the bench user's API token (made by load())
         self.env = _env({"TELEPACS_DATA_DIR": str(work_dir / "telepacs-data"), "TELEPACS_LOG_LEVEL": "WARNING",
                          "TELEPACS_HTTP_HOST": LOOPBACK, "TELEPACS_HTTP_PORT": str(self.port)})
 
@@ -153,8 +179,10 @@ class TelepacsWeb:
                              stdin=subprocess.DEVNULL, timeout=120)
         if res.returncode != 0:
             raise PeerError(f"telepacs init failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        self.token = bench_token(self.env)
         importers = [
-            subprocess.Popen([telepacs_cli(), "import", "--quiet", *map(str, files[i::2])], env=self.env,
+            subprocess.Popen([telepacs_cli(), "import", "--quiet", "--facility", BENCH_FACILITY,
+                              *map(str, files[i::2])], env=self.env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             for i in range(2)
         ]
@@ -235,12 +263,13 @@ class Latency:
 class Client:
     """One keep-alive HTTP/1.1 connection that does not ask for gzip."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, token: str = "") -> None:
         host, port = base.removeprefix("http://").split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def get(self, path: str, accept: str) -> tuple[int, str, bytes]:
-        self.conn.request("GET", path, headers={"Accept": accept, "Accept-Encoding": "identity"})
+        self.conn.request("GET", path, headers={"Accept": accept, "Accept-Encoding": "identity", **self.auth})
         resp = self.conn.getresponse()
         body = resp.read()
         return resp.status, resp.getheader("Content-Type", ""), body
@@ -267,13 +296,14 @@ class Probe:
     paths: Callable[[int], str]
     accept: str
     warmup: int = 3
+    token: str = ""  # telepacs' API token (Orthanc: none)
     times_ms: list[float] = field(default_factory=list)
     last_bytes: int = 0
     _next: int = 0
 
     def run(self, count: int) -> None:
         """The next ``count`` requests (after ``warmup`` unmeasured ones the first time)."""
-        client = Client(self.base)
+        client = Client(self.base, self.token)
         try:
             first = self._next
             if first == 0:
@@ -347,9 +377,11 @@ def _wrk_ms(text: str) -> float | None:
 
 
 def run_wrk(name: str, url: str, connections: int, seconds: float, accept: str,
-            lua: str | None, scratch: Path) -> Throughput:
+            lua: str | None, scratch: Path, token: str = "") -> Throughput:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
            "-H", f"Accept: {accept}", "-H", "Accept-Encoding: identity"]
+    if token:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
     if lua is not None:
         script = scratch / f"wrk-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{connections}.lua"
         script.write_text(lua)
@@ -533,9 +565,9 @@ def run(args: argparse.Namespace, data: Data, scratch: Path) -> tuple[list[Laten
                          "(new window each time; the frame may be in the decoded-frame cache)")
         rendering = [
             Probe("telepacs cold-window", tp_base,
-                  lambda i: f"{rendered}?window={cold_window(i + 3)}&quality={QUALITY}", jpeg),
-            Probe("telepacs cold-slice", tp_base, series_path, jpeg),
-            Probe("telepacs warm", tp_base, lambda i: rendered + fixed, jpeg),
+                  lambda i: f"{rendered}?window={cold_window(i + 3)}&quality={QUALITY}", jpeg, token=telepacs.token),
+            Probe("telepacs cold-slice", tp_base, series_path, jpeg, token=telepacs.token),
+            Probe("telepacs warm", tp_base, lambda i: rendered + fixed, jpeg, token=telepacs.token),
             Probe("orthanc /rendered", orthanc.http_url, lambda i: o_rendered, jpeg),
             Probe("orthanc dicomweb /rendered", orthanc.http_url, lambda i: o_dicomweb, jpeg),
             Probe("orthanc dicomweb /rendered cold-slice", orthanc.http_url,
@@ -544,7 +576,8 @@ def run(args: argparse.Namespace, data: Data, scratch: Path) -> tuple[list[Laten
         latencies += measure_interleaved(rendering, requests, rounds=3)
         qido = f"/studies/{listing.study}/series/{listing.series}/instances"
         listings = [
-            Probe("telepacs QIDO 300-instance series", tp_base, lambda i: "/dicomweb" + qido, DICOM_JSON, 2),
+            Probe("telepacs QIDO 300-instance series", tp_base, lambda i: "/dicomweb" + qido, DICOM_JSON, 2,
+                  token=telepacs.token),
             Probe("orthanc dicomweb QIDO 300-instance series", orthanc.http_url, lambda i: "/dicom-web" + qido,
                   DICOM_JSON, 2),
         ]
@@ -556,13 +589,13 @@ def run(args: argparse.Namespace, data: Data, scratch: Path) -> tuple[list[Laten
             start = 100_000 * conns  # window centres never asked before in this run
             lua = WRK_COLD_LUA.format(start=start, path=rendered + "?window=", center=WINDOW[0], width=WINDOW[1],
                                       function=FUNCTION, quality=QUALITY)
-            for name, url, lua_script in (
-                ("telepacs cold-window", tp_base + rendered, lua),
-                ("telepacs warm", tp_base + rendered + fixed, None),
-                ("orthanc /rendered", orthanc.http_url + o_rendered, None),
-                ("orthanc dicomweb /rendered", orthanc.http_url + o_dicomweb, None),
+            for name, url, lua_script, token in (
+                ("telepacs cold-window", tp_base + rendered, lua, telepacs.token),
+                ("telepacs warm", tp_base + rendered + fixed, None, telepacs.token),
+                ("orthanc /rendered", orthanc.http_url + o_rendered, None, ""),
+                ("orthanc dicomweb /rendered", orthanc.http_url + o_dicomweb, None, ""),
             ):
-                tp = run_wrk(name, url, conns, seconds, jpeg, lua_script, scratch)
+                tp = run_wrk(name, url, conns, seconds, jpeg, lua_script, scratch, token)
                 throughputs.append(tp)
                 print(f"  wrk {name}, {conns} connections: {tp.rps:.0f} req/s"
                       f"{' (' + tp.errors + ')' if tp.errors else ''}", flush=True)
