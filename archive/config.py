@@ -123,6 +123,10 @@ class Settings:
     forward_batch_size: int = 50
     forward_poll_interval: float = 1.0
     forward_lease: float = 300.0
+    # How long a consult may wait for its conclusion, by urgency (hours): past that a coordinator sees it overdue.
+    consult_due_emergency_hours: float = 1.0
+    consult_due_urgent_hours: float = 24.0
+    consult_due_routine_hours: float = 72.0
 
     @property
     def spool_dir(self) -> Path:
@@ -331,6 +335,9 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
                     "retry_max": "forward_retry_max", "max_attempts": "forward_max_attempts",
                     "batch_size": "forward_batch_size", "poll_interval": "forward_poll_interval",
                     "lease": "forward_lease"},
+        "consults": {"due_emergency_hours": "consult_due_emergency_hours",
+                     "due_urgent_hours": "consult_due_urgent_hours",
+                     "due_routine_hours": "consult_due_routine_hours"},
     }
     for section, names in sections.items():
         table = doc.get(section, {})
@@ -368,6 +375,9 @@ _ENV_NAMES = {
     "FORWARD_BATCH_SIZE": "forward_batch_size",
     "FORWARD_POLL_INTERVAL": "forward_poll_interval",
     "FORWARD_LEASE": "forward_lease",
+    "CONSULT_DUE_EMERGENCY_HOURS": "consult_due_emergency_hours",
+    "CONSULT_DUE_URGENT_HOURS": "consult_due_urgent_hours",
+    "CONSULT_DUE_ROUTINE_HOURS": "consult_due_routine_hours",
 }
 
 
@@ -441,4 +451,10 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         forward_batch_size=batch_size,
         forward_poll_interval=_float("forward poll_interval", raw.get("forward_poll_interval", 1.0), minimum=0.01),
         forward_lease=_float("forward lease", raw.get("forward_lease", 300.0), minimum=1.0),
+        consult_due_emergency_hours=_float("consults due_emergency_hours",
+                                           raw.get("consult_due_emergency_hours", 1.0), minimum=0.01),
+        consult_due_urgent_hours=_float("consults due_urgent_hours",
+                                        raw.get("consult_due_urgent_hours", 24.0), minimum=0.01),
+        consult_due_routine_hours=_float("consults due_routine_hours",
+                                         raw.get("consult_due_routine_hours", 72.0), minimum=0.01),
     )
