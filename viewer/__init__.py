@@ -18,6 +18,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
 
+    from viewer.consults.views import bp as consults
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
@@ -25,6 +26,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     init_i18n(app)
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
+    app.register_blueprint(consults)
 
     @app.get("/openapi.json")
     def openapi() -> ResponseReturnValue:

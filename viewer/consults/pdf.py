@@ -35,6 +35,7 @@ from reportlab.platypus import (Flowable, Image as PdfImage, KeepTogether, PageB
 from archive.models import ConsultConclusion, ConsultMessage
 from viewer.consults.record import ConsultRecord
 from viewer.render import Window, decode_frame, render_display
+from storage import StorageError
 from viewer.render.output import ImageFormat
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def archive_pin_renderer(open_instance: Callable[[str], BinaryIO]) -> PinRendere
         try:
             with open_instance(msg.pin_instance_uid) as f:
                 return render_pinned_image(f.read(), msg)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, StorageError) as exc:
             log.warning("consult %s message %s: pinned instance %s not rendered: %s", msg.consult_fk, msg.id,
                         msg.pin_instance_uid, exc)
             return None

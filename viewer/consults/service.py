@@ -813,3 +813,58 @@ def missing_attached_studies(session: Session) -> list[tuple[int, str, int, int]
         .outerjoin(Study, Study.study_uid == ConsultStudy.study_uid)
         .order_by(ConsultStudy.consult_fk, ConsultStudy.id)).all()
     return [(c, uid, then, now) for c, uid, then, now in rows if now < then or now == 0]
+
+
+# -- what the pages need --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyChoice:
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    description: str
+    modalities: str
+    instances: int
+
+
+def facility_studies(session: Session, user: User, *, limit: int = 200) -> list[StudyChoice]:
+    """The newest studies of the user's facility, to attach to a consult."""
+    from archive.models import Patient
+
+    code = session.execute(select(Facility.code).where(Facility.id == user.facility_fk)).scalar()
+    rows = session.execute(
+        select(Study, Patient).join(Patient, Patient.id == Study.patient_fk).where(Study.facility == code)
+        .order_by(Study.received_at.desc()).limit(limit)).all()
+    return [StudyChoice(s.study_uid, p.patient_id, p.patient_name, s.study_date, s.study_description,
+                        s.modalities_in_study, s.num_instances) for s, p in rows]
+
+
+def hub_facilities(session: Session, user: User) -> list[Facility]:
+    """Facilities a consult can be sent to: every other facility, higher tiers first."""
+    rank = {"central": 0, "provincial": 1, "district": 2, "commune": 3}
+    found = [f for f in session.execute(select(Facility)).scalars() if f.id != user.facility_fk]
+    return sorted(found, key=lambda f: (rank.get(f.tier, 9), f.name))
+
+
+def specialists_of(session: Session, facility_ids: Iterable[int]) -> list[User]:
+    return list(session.execute(select(User).where(User.facility_fk.in_(list(facility_ids)),
+                                                   User.role == ROLE_SPECIALIST, User.disabled.is_(False))
+                                .order_by(User.display_name)).scalars())
+
+
+def observer_candidates(session: Session, consult: Consult) -> list[User]:
+    taking_part = {p.user_fk for p in consult.participants}
+    return [u for u in session.execute(select(User).where(User.disabled.is_(False), User.role.in_(
+        [ROLE_OBSERVER, ROLE_SPECIALIST, ROLE_REQUESTER])).order_by(User.display_name)).scalars()
+            if u.id not in taking_part]
+
+
+def users_by_id(session: Session, ids: Iterable[int]) -> dict[int, User]:
+    wanted = list(set(ids))
+    return {u.id: u for u in session.execute(select(User).where(User.id.in_(wanted))).scalars()} if wanted else {}
+
+
+def facility_names(session: Session) -> dict[int, str]:
+    return {f.id: f.name or f.code for f in session.execute(select(Facility)).scalars()}
