@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from archive.models import Facility, Patient, Study, User
+from archive.models import Facility, Instance, Patient, Series, Study, User
 from viewer.consults import service as svc
 
 DIST_STUDY = "1.2.826.0.1.3680043.8.498.100.1"
 DIST_STUDY_2 = "1.2.826.0.1.3680043.8.498.100.2"
 THIRD_STUDY = "1.2.826.0.1.3680043.8.498.300.1"
+PIN_SERIES = "1.2.3.4"
+PIN_INSTANCE = "1.2.3.4.5"
 
 
 @dataclass
@@ -40,6 +42,17 @@ def _user(session: Session, username: str, role: str, facility: Facility, **extr
 
 def _study(session: Session, uid: str, facility: str, patient: Patient, n: int = 3) -> None:
     session.add(Study(study_uid=uid, patient_fk=patient.id, facility=facility, num_instances=n, num_series=1))
+
+
+def _series_with_instance(session: Session, study_uid: str, series_uid: str, sop_uid: str, frames: int) -> None:
+    study = session.query(Study).filter_by(study_uid=study_uid).one()
+    series = Series(series_uid=series_uid, study_fk=study.id, modality="CT", num_instances=1)
+    session.add(series)
+    session.flush()
+    session.add(Instance(sop_instance_uid=sop_uid, series_fk=series.id, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                         transfer_syntax_uid="1.2.840.10008.1.2.1", number_of_frames=frames,
+                         object_key=f"{study_uid}/{series_uid}/{sop_uid}.dcm", size=1, checksum="0" * 64,
+                         dataset_checksum="0" * 64))
 
 
 def build_world(session: Session, *, with_studies: bool = True) -> World:
@@ -72,6 +85,8 @@ def build_world(session: Session, *, with_studies: bool = True) -> World:
         _study(session, DIST_STUDY, "DIST", patient)
         _study(session, DIST_STUDY_2, "DIST", patient)
         _study(session, THIRD_STUDY, "THIRD", patient)
+        session.flush()
+        _series_with_instance(session, DIST_STUDY, PIN_SERIES, PIN_INSTANCE, frames=5)
     session.flush()
     return w
 

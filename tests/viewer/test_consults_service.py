@@ -305,6 +305,11 @@ def test_observers_and_outsiders_cannot_write(db, who):
 def test_empty_message_without_pin_is_refused(db):
     session, w = db
     c = bring_to(session, w, S.ACCEPTED)
+    elsewhere = PinnedImage(study_uid=DIST_STUDY, series_uid="1.2.3.4", instance_uid="9.9.9")
+    with pytest.raises(svc.InvalidInput, match="not stored in that series"):
+        svc.post_message(session, c, w.radiologist, "xem", pin=elsewhere)
+    with pytest.raises(svc.InvalidInput, match="has 5 frame"):
+        svc.post_message(session, c, w.radiologist, "xem", pin=_pin(frame=6))
     with pytest.raises(svc.InvalidInput, match="message is required"):
         svc.post_message(session, c, w.doctor, "   ")
     assert svc.post_message(session, c, w.radiologist, "", pin=_pin()).body == ""

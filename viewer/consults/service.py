@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session
 
 from archive.audit import AuditAction, record
 from archive.models import (Consult, ConsultConclusion, ConsultFollowUp, ConsultMessage, ConsultParticipant,
-                            ConsultQuestion, ConsultReadMarker, ConsultStudy, Facility, ReviewEvent, Study, User,
-                            utcnow)
+                            ConsultQuestion, ConsultReadMarker, ConsultStudy, Facility, Instance, ReviewEvent, Series,
+                            Study, User, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -577,6 +577,17 @@ def _check_pin(consult: Consult, pin: PinnedImage) -> None:
         raise InvalidInput(f"unknown viewport keys: {', '.join(sorted(unknown))}")
     for ann in pin.annotations:
         validate_annotation(ann)
+    session = Session.object_session(consult)
+    assert session is not None
+    stored = session.execute(
+        select(Instance.number_of_frames).join(Series, Series.id == Instance.series_fk)
+        .join(Study, Study.id == Series.study_fk)
+        .where(Instance.sop_instance_uid == pin.instance_uid, Series.series_uid == pin.series_uid,
+               Study.study_uid == pin.study_uid)).first()
+    if stored is None:
+        raise InvalidInput("the pinned instance is not stored in that series of the study")
+    if pin.frame > (stored[0] or 1):
+        raise InvalidInput(f"the pinned instance has {stored[0] or 1} frame(s), not {pin.frame}")
 
 
 def validate_annotation(ann: Any) -> None:
