@@ -40,6 +40,7 @@ USERS = {  # username: (role, facility, display name, specialty, certificate num
     "bs.lan": ("requester", "DIST", "BS. Nguyễn Thị Lan", "", "", ""),
     "ts.hung": ("specialist", "HUB", "TS.BS. Trần Văn Hùng", "radiology", "0012345/BYT-CCHN", "Chẩn đoán hình ảnh"),
     "hv.an": ("observer", "THIRD", "HV. Lê Văn An", "", "", ""),
+    "bs.la": ("requester", "FOURTH", "BS. Lý A Pủa", "", "", ""),
 }
 
 
@@ -49,7 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Arch
     archive = Archive.open(make_settings(base))
     with archive.index.write_session() as s, s.begin():
         for code, name, tier in (("HUB", "Bệnh viện Bạch Mai", "central"), ("DIST", "TTYT huyện Mường Tè", "district"),
-                                 ("THIRD", "BVĐK tỉnh Lai Châu", "provincial")):
+                                 ("THIRD", "BVĐK tỉnh Lai Châu", "provincial"), ("FOURTH", "Trạm y tế xã Pa Ủ", "commune")):
             people.create_facility(s, code=code, name=name, tier=tier, actor="test")
         for username, (role, facility, display, specialty, cert, scope) in USERS.items():
             people.create_user(s, username=username, password=PASSWORD, role=role, facility_code=facility,
@@ -99,15 +100,20 @@ def _login(chromium: Any, url: str, username: str, errors: list[str]) -> Any:
     context = chromium.new_context(viewport={"width": 1280, "height": 900}, locale="vi-VN")
     page = context.new_page()
     page.on("pageerror", lambda exc: errors.append(f"{username}: page error {exc}"))
-    page.on("console", lambda msg: errors.append(f"{username}: console {msg.text}") if msg.type == "error" else None)
+    # Failed requests are reported by URL below (the console line does not name it).
+    page.on("console", lambda msg: errors.append(f"{username}: console {msg.text}")
+            if msg.type == "error" and "Failed to load resource" not in msg.text else None)
+    page.on("response", lambda r: errors.append(f"{username}: HTTP {r.status} {r.url}")
+            if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
     page.on("request", lambda req: errors.append(f"{username}: left the origin {req.url}")
             if not req.url.startswith((url, "data:", "blob:")) else None)
-    page.goto(url + "/login")
+    page.goto(url + "/login?next=/consults")
     page.fill("#username", username)
     page.fill("#password", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_load_state()
     assert "/login" not in page.url, f"{username} could not log in"
+    page.goto(url + "/lang/vi?next=/consults")  # the screenshots in Vietnamese, as the users read them
     return page
 
 
@@ -152,7 +158,6 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     assert sum(stow_bodies) < total + stow_bodies[1] + 64 * 1024, stow_bodies
     assert len(stow_bodies) >= 3
     assert doctor.locator(f'input[name=study][value="{study_uid}"]').is_checked()
-    errors[:] = [e for e in errors if "ERR_CONNECTION_RESET" not in e and "Failed to load resource" not in e]
     doctor.fill("input[name=patient_name]", "Lò Văn Páo")
     doctor.fill("input[name=patient_id]", "MT-0001")
     doctor.fill("textarea[name=clinical_summary]", "Nam 45 tuổi, ngã xe máy, đau đầu, GCS 13.")
@@ -210,7 +215,8 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
         pinned_state = {"series": series_uid, "instance": instance_uid, "frame": 1, "wc": 40, "ww": 120,
                         "zoom": 1, "panx": 0, "pany": 0, "annotations": [length], "quality": "full"}
         token = hung.locator('input[name=csrf_token]').first.get_attribute("value")
-        answer = hung.request.post(f"{url}/consults/{consult_id}/messages", headers={"X-CSRF-Token": token},
+        answer = hung.request.post(f"{url}/consults/{consult_id}/messages",
+                                   headers={"X-CSRF-Token": token, "Content-Type": "application/json"},
                                    data=json.dumps({"text": "Máu tụ ngoài màng cứng, đo bề dày.",
                                                     "pin": {**pinned_state, "study": study_uid}}),
                                    )
@@ -256,7 +262,8 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
 
     # -- an observer of a third facility sees it de-identified -----------------------------------
     doctor.goto(f"{url}/consults/{consult_id}")
-    doctor.select_option("#observer-user", label=re.compile("HV. Lê Văn An"))
+    doctor.select_option("#observer-user", doctor.locator("#observer-user option", has_text="HV. Lê Văn An")
+                         .get_attribute("value"))
     doctor.click("#add-observer")
     doctor.wait_for_load_state()
     observer = _login(chromium, url, "hv.an", errors)
@@ -265,6 +272,24 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     assert "Lò Văn Páo" not in body and "MT-0001" not in body and f"CONSULT-{consult_id}" in body
     assert observer.locator("#deid-note").is_visible() and observer.locator("#message-form").count() == 0
     _shot(observer, "08-observer-deidentified")
+
+    # -- a user of a fourth facility sees nothing of it; the observer reaches its images -------------
+    series = pinned_state["series"]
+    instance = pinned_state["instance"]
+    base = f"{url}/dicomweb/studies/{study_uid}"
+    urls = [f"{base}", f"{base}/metadata", f"{base}/series/{series}", f"{base}/series/{series}/metadata",
+            f"{base}/series/{series}/instances/{instance}", f"{base}/series/{series}/instances/{instance}/metadata",
+            f"{base}/series/{series}/instances/{instance}/frames/1",
+            f"{base}/series/{series}/instances/{instance}/rendered",
+            f"{base}/series/{series}/instances/{instance}/thumbnail", f"{base}/thumbnail", f"{base}/rendered"]
+    stranger = _login(chromium, url, "bs.la", errors)
+    for target in urls:
+        assert stranger.request.get(target).status == 404, target
+    assert stranger.request.get(f"{url}/consults/{consult_id}").status == 404
+    found = stranger.request.get(f"{url}/dicomweb/studies?StudyInstanceUID={study_uid}")
+    assert found.status in (200, 204) and study_uid not in found.text()
+    assert observer.request.get(f"{base}/series/{series}/instances/{instance}/rendered").status == 200
+    errors[:] = [e for e in errors if not e.startswith("bs.la: HTTP 404")]  # asked for on purpose
 
     # -- the minutes as PDF -----------------------------------------------------------------------
     pdf = doctor.request.get(f"{url}/consults/{consult_id}/minutes.pdf")
