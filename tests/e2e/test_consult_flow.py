@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlparse
@@ -224,6 +225,15 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
 
     # -- conclusion, signed -----------------------------------------------------------------------
     hung.goto(f"{url}/consults/{consult_id}")
+    if with_viewer:  # leaving the viewer sent what was on screen: the review evidence
+        deadline = time.monotonic() + 15
+        while not hung.locator("section[aria-labelledby=reviews-h] tbody tr").count():
+            assert time.monotonic() < deadline, "no review evidence recorded from the viewer"
+            hung.wait_for_timeout(250)
+            hung.reload()
+        rows = hung.locator("section[aria-labelledby=reviews-h] tbody tr").all_inner_texts()
+        assert all("TS.BS. Trần Văn Hùng" in r for r in rows)
+        assert any(pinned_state["instance"][-16:] in r and "40/120" in r for r in rows), rows  # the pinned view
     for area in hung.locator("#conclusion-form textarea[name^=answer-]").all():
         area.fill("Có: máu tụ ngoài màng cứng thái dương phải.")
     hung.fill("textarea[name=findings]", "Máu tụ ngoài màng cứng thái dương phải dày 12 mm.")
@@ -257,7 +267,7 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
         shown = doctor.evaluate("telepacsViewer.getState()")
         assert (shown["instance"], shown["frame"]) == (pinned_state["instance"], pinned_state["frame"])
         assert (float(shown["wc"]), float(shown["ww"])) == (40.0, 120.0)
-        assert shown["annotations"] == [length]
+        assert [{"type": a["type"], "points": a["points"]} for a in shown["annotations"]] == [length]
         _shot(doctor, "07-doctor-viewer-same-state")
 
     # -- an observer of a third facility sees it de-identified -----------------------------------

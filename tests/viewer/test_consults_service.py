@@ -271,6 +271,10 @@ def test_first_message_after_accepting_starts_the_discussion(db):
     assert c.state == S.IN_DISCUSSION
     assert msg.pin_frame == 3 and msg.pin_viewport["ww"] == 80
     assert msg.pin_annotations == [{"type": "length", "points": [[10, 20], [110, 20]]}]
+    extra = svc.post_message(session, c, w.doctor, "", pin=PinnedImage(
+        study_uid=DIST_STUDY, series_uid="1.2.3.4", instance_uid="1.2.3.4.5",
+        annotations=[{"type": "text", "points": [[5, 6]], "text": "đây", "sop": "1.2.3.4.5", "frame": 1}]))
+    assert extra.pin_annotations == [{"type": "text", "points": [[5, 6]], "text": "đây"}]  # the contract's keys
     posted = session.execute(select(AuditEntry).where(AuditEntry.action == "message_posted")).scalar_one()
     assert posted.detail["pinned"] == {"series": "1.2.3.4", "instance": "1.2.3.4.5", "frame": 3}
 

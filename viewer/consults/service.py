@@ -549,7 +549,8 @@ def post_message(session: Session, consult: Consult, user: User, text: str,
     if pin is not None:
         _check_pin(consult, pin)
         msg.pin_study_uid, msg.pin_series_uid, msg.pin_instance_uid = pin.study_uid, pin.series_uid, pin.instance_uid
-        msg.pin_frame, msg.pin_viewport, msg.pin_annotations = pin.frame, dict(pin.viewport), list(pin.annotations)
+        msg.pin_frame, msg.pin_viewport = pin.frame, dict(pin.viewport)
+        msg.pin_annotations = [contract_annotation(a) for a in pin.annotations]
     session.add(msg)
     session.flush()
     _audit(session, user, AuditAction.MESSAGE_POSTED, consult, message_id=msg.id,
@@ -588,6 +589,14 @@ def _check_pin(consult: Consult, pin: PinnedImage) -> None:
         raise InvalidInput("the pinned instance is not stored in that series of the study")
     if pin.frame > (stored[0] or 1):
         raise InvalidInput(f"the pinned instance has {stored[0] or 1} frame(s), not {pin.frame}")
+
+
+def contract_annotation(ann: dict[str, Any]) -> dict[str, Any]:
+    """Only what the viewer contract defines (a viewer may add its own keys to what it hands over)."""
+    kept: dict[str, Any] = {"type": ann["type"], "points": [[x, y] for x, y in ann["points"]]}
+    if ann["type"] == "text":
+        kept["text"] = ann["text"]
+    return kept
 
 
 def validate_annotation(ann: Any) -> None:
