@@ -275,7 +275,8 @@ def test_first_message_after_accepting_starts_the_discussion(db):
         study_uid=DIST_STUDY, series_uid="1.2.3.4", instance_uid="1.2.3.4.5",
         annotations=[{"type": "text", "points": [[5, 6]], "text": "đây", "sop": "1.2.3.4.5", "frame": 1}]))
     assert extra.pin_annotations == [{"type": "text", "points": [[5, 6]], "text": "đây"}]  # the contract's keys
-    posted = session.execute(select(AuditEntry).where(AuditEntry.action == "message_posted")).scalar_one()
+    posted = session.execute(select(AuditEntry).where(AuditEntry.action == "message_posted")
+                             .order_by(AuditEntry.id)).scalars().first()
     assert posted.detail["pinned"] == {"series": "1.2.3.4", "instance": "1.2.3.4.5", "frame": 3}
 
 
