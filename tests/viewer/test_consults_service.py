@@ -577,3 +577,20 @@ def test_full_flow_leaves_a_verifiable_audit_chain(db):
                              .order_by(ConsultMessage.id)).scalars().all()
     assert events == ["requested", "accepted", "in_discussion", "concluded", "decision", "closed"]
     assert session.execute(select(func.count()).select_from(ConsultConclusion)).scalar() == 1
+
+
+def test_observer_pseudonym_for_dicomweb(db):
+    session, w = db
+    c = _new(session, w)
+    assert svc.observer_pseudonym(session, w.observer.id, DIST_STUDY) is None  # no access at all: not our call
+    svc.add_participant(session, c, w.doctor, w.observer, "observer")
+    session.commit()
+    assert svc.observer_pseudonym(session, w.observer.id, DIST_STUDY) == f"CONSULT-{c.id}"
+    assert svc.observer_pseudonym(session, w.doctor.id, DIST_STUDY) is None
+    assert svc.observer_pseudonym(session, w.radiologist.id, DIST_STUDY) is None
+    assert svc.observer_pseudonym(session, w.admin.id, DIST_STUDY) is None
+    assert svc.observer_pseudonym(session, w.observer.id, THIRD_STUDY) is None  # the observer's own facility
+    open_door = _new(session, w, deidentify_for_observers=False)
+    svc.add_participant(session, open_door, w.doctor, w.observer, "observer")
+    session.commit()
+    assert svc.observer_pseudonym(session, w.observer.id, DIST_STUDY) is None  # another consult shows it as is

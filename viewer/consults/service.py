@@ -888,3 +888,27 @@ def users_by_id(session: Session, ids: Iterable[int]) -> dict[int, User]:
 
 def facility_names(session: Session) -> dict[int, str]:
     return {f.id: f.name or f.code for f in session.execute(select(Facility)).scalars()}
+
+
+def observer_pseudonym(session: Session, user_id: int, study_uid: str) -> str | None:
+    """The pseudonym under which this user must be served the study de-identified, or None (served as stored).
+
+    A user sees a study de-identified only when every consult that gives them access to it makes them an
+    observer of another facility on a consult that asks for de-identification. Their own facility's
+    studies, and those of consults where they have any other role, are served as stored. For DICOMweb
+    and the viewer: ``archive.deidentify.deidentify_json(obj, pseudonym)`` / ``deidentify_dataset``.
+    """
+    user = session.get(User, user_id)
+    if user is None or user.role == ROLE_ADMIN:
+        return None
+    study_facility = session.execute(select(Study.facility).where(Study.study_uid == study_uid)).scalar()
+    own_code = session.execute(select(Facility.code).where(Facility.id == user.facility_fk)).scalar()
+    if study_facility is not None and study_facility == own_code:
+        return None
+    consults = list(session.execute(
+        select(Consult).join(ConsultStudy, ConsultStudy.consult_fk == Consult.id)
+        .where(ConsultStudy.study_uid == study_uid).order_by(Consult.id)).scalars())
+    through = [c for c in consults if _participant(c, user) is not None or is_hub_staff(c, user)]
+    if not through or any(not sees_deidentified(c, user) for c in through):
+        return None
+    return f"CONSULT-{through[0].id}"
