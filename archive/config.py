@@ -51,6 +51,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,7 @@ class Settings:
     consult_due_emergency_hours: float = 1.0
     consult_due_urgent_hours: float = 24.0
     consult_due_routine_hours: float = 72.0
+    smtp_url: str = ""  # smtp://[user:password@]host[:port]?from=addr[&starttls=1] (smtps:// for TLS); empty: no e-mail
 
     @property
     def spool_dir(self) -> Path:
@@ -335,6 +337,7 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
                     "retry_max": "forward_retry_max", "max_attempts": "forward_max_attempts",
                     "batch_size": "forward_batch_size", "poll_interval": "forward_poll_interval",
                     "lease": "forward_lease"},
+        "mail": {"smtp_url": "smtp_url"},
         "consults": {"due_emergency_hours": "consult_due_emergency_hours",
                      "due_urgent_hours": "consult_due_urgent_hours",
                      "due_routine_hours": "consult_due_routine_hours"},
@@ -378,6 +381,7 @@ _ENV_NAMES = {
     "CONSULT_DUE_EMERGENCY_HOURS": "consult_due_emergency_hours",
     "CONSULT_DUE_URGENT_HOURS": "consult_due_urgent_hours",
     "CONSULT_DUE_ROUTINE_HOURS": "consult_due_routine_hours",
+    "SMTP_URL": "smtp_url",
 }
 
 
@@ -457,4 +461,13 @@ def _build(raw: Mapping[str, Any]) -> Settings:
                                         raw.get("consult_due_urgent_hours", 24.0), minimum=0.01),
         consult_due_routine_hours=_float("consults due_routine_hours",
                                          raw.get("consult_due_routine_hours", 72.0), minimum=0.01),
+        smtp_url=_smtp_url(str(raw.get("smtp_url", ""))),
     )
+
+
+def _smtp_url(value: str) -> str:
+    if value and urlsplit(value).scheme not in ("smtp", "smtps"):
+        raise ConfigError(f"mail smtp_url must start with smtp:// or smtps://, not {value!r}")
+    if value and not urlsplit(value).hostname:
+        raise ConfigError(f"mail smtp_url {value!r} names no host")
+    return value

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from archive.models import Consult, ConsultMessage, User
 from viewer.auth import current_user
-from viewer.consults import pdf, service as svc, uploads
+from viewer.consults import notify, pdf, service as svc, uploads
 from viewer.consults.record import collect_record
 from storage import StorageError
 from viewer.deps import get_archive
@@ -89,6 +89,19 @@ def _due_times() -> svc.DueTimes:
     return svc.DueTimes.from_settings(current_app.config["TELEPACS_SETTINGS"])
 
 
+def _notify(consult_id: int, event: str | None) -> None:
+    """E-mail who needs to hear of it (when ``smtp_url`` is set), after the action committed."""
+    from flask import current_app
+
+    settings = current_app.config["TELEPACS_SETTINGS"]
+    who = current_user()
+    if not event or not settings.smtp_url or who is None:
+        return
+    with get_archive().index.session() as session:
+        mails = notify.mails_for(session, consult_id, event, who.id, settings.public_url or request.host_url)
+    notify.send_in_background(settings.smtp_url, mails)
+
+
 # -- inbox ----------------------------------------------------------------------------------
 
 
@@ -147,6 +160,7 @@ def create() -> ResponseReturnValue:
     except svc.ConsultError as exc:
         log.warning("consult request refused: %s", exc)
         return _render_new(str(exc), _status(exc))
+    _notify(consult_id, "requested")
     return redirect(url_for("consults.show", consult_id=consult_id), 303)
 
 
@@ -217,11 +231,13 @@ def _render_consult(consult_id: int, error: str = "", status: int = 200) -> Resp
     return page, status
 
 
-def _act(consult_id: int, action: Callable[[Session, Consult, User], object]) -> ResponseReturnValue:
-    """Run one state action; on refusal show the consult again with the reason (or a JSON error)."""
+def _act(consult_id: int, action: Callable[[Session, Consult, User], object],
+         event: str | Callable[[object], str] | None = None) -> ResponseReturnValue:
+    """Run one state action; on refusal show the consult again with the reason (or a JSON error).
+    ``event`` (or a function of the action's result giving it) names what to e-mail about."""
     try:
         with _write() as (session, user):
-            action(session, _load(session, consult_id, user), user)
+            result = action(session, _load(session, consult_id, user), user)
     except svc.ConsultError as exc:
         log.warning("consult %s %s refused: %s", consult_id, request.path.rsplit("/", 1)[-1], exc)
         if _wants_json():
@@ -229,22 +245,23 @@ def _act(consult_id: int, action: Callable[[Session, Consult, User], object]) ->
         if isinstance(exc, svc.ConsultNotFound):
             return render_template("consults/error.html", message=gettext("No such consult."), status=404), 404
         return _render_consult(consult_id, str(exc), _status(exc))
+    _notify(consult_id, event(result) if callable(event) else event)
     return redirect(url_for("consults.show", consult_id=consult_id), 303)
 
 
 @bp.post("/<int:consult_id>/accept")
 def accept(consult_id: int) -> ResponseReturnValue:
-    return _act(consult_id, svc.accept)
+    return _act(consult_id, svc.accept, "accepted")
 
 
 @bp.post("/<int:consult_id>/decline")
 def decline(consult_id: int) -> ResponseReturnValue:
-    return _act(consult_id, lambda s, c, u: svc.decline(s, c, u, _form_text("reason")))
+    return _act(consult_id, lambda s, c, u: svc.decline(s, c, u, _form_text("reason")), "declined")
 
 
 @bp.post("/<int:consult_id>/withdraw")
 def withdraw(consult_id: int) -> ResponseReturnValue:
-    return _act(consult_id, lambda s, c, u: svc.withdraw(s, c, u, _form_text("reason")))
+    return _act(consult_id, lambda s, c, u: svc.withdraw(s, c, u, _form_text("reason")), "withdrawn")
 
 
 @bp.post("/<int:consult_id>/close")
@@ -255,12 +272,13 @@ def close(consult_id: int) -> ResponseReturnValue:
 @bp.post("/<int:consult_id>/decision")
 def decision(consult_id: int) -> ResponseReturnValue:
     follows = {"yes": True, "no": False}.get(request.form.get("follows_advice", ""))
-    return _act(consult_id, lambda s, c, u: svc.record_follow_up(s, c, u, "decision", _form_text("text"), follows))
+    return _act(consult_id, lambda s, c, u: svc.record_follow_up(s, c, u, "decision", _form_text("text"), follows),
+                "decision")
 
 
 @bp.post("/<int:consult_id>/outcome")
 def outcome(consult_id: int) -> ResponseReturnValue:
-    return _act(consult_id, lambda s, c, u: svc.record_follow_up(s, c, u, "outcome", _form_text("text")))
+    return _act(consult_id, lambda s, c, u: svc.record_follow_up(s, c, u, "outcome", _form_text("text")), "outcome")
 
 
 @bp.post("/<int:consult_id>/observers")
@@ -291,7 +309,8 @@ def conclude(consult_id: int) -> ResponseReturnValue:
                                 transfer_to=_form_text("transfer_to"), amendment_reason=_form_text("amendment_reason"))
     if not _flag("confirm_sign"):
         return _render_consult(consult_id, gettext("Tick the box to sign: a signed conclusion cannot be changed."), 400)
-    return _act(consult_id, lambda s, c, u: svc.sign_conclusion(s, c, u, draft))
+    return _act(consult_id, lambda s, c, u: svc.sign_conclusion(s, c, u, draft),
+                lambda signed: "amended" if getattr(signed, "version", 1) > 1 else "concluded")
 
 
 def _pin_from_json(value: Any) -> svc.PinnedImage | None:
@@ -326,8 +345,9 @@ def post_message(consult_id: int) -> ResponseReturnValue:
                 msg_id = msg.id
         except svc.ConsultError as exc:
             return _json_error(_status(exc), str(exc))
+        _notify(consult_id, "message")
         return jsonify(id=msg_id, url=url_for("consults.show", consult_id=consult_id) + f"#m{msg_id}"), 201
-    return _act(consult_id, lambda s, c, u: svc.post_message(s, c, u, _form_text("text")))
+    return _act(consult_id, lambda s, c, u: svc.post_message(s, c, u, _form_text("text")), "message")
 
 
 @bp.post("/<int:consult_id>/review-events")
