@@ -26,6 +26,11 @@ Example::
     [index]
     url = "postgresql://telepacs@db/telepacs"
 
+    [auth]
+    secret_key = "..."               # signs session cookies; default: generated once into DATA_DIR/secret-key
+    session_hours = 12               # a login lasts this long at most
+    local_tier = "provincial"        # tier of facility LOCAL, created with the first admin on a fresh install
+
     [storage]
     url = "s3://ACCESS:SECRET@minio:9000/telepacs?secure=false"
 
@@ -129,6 +134,9 @@ class Settings:
     consult_due_urgent_hours: float = 24.0
     consult_due_routine_hours: float = 72.0
     smtp_url: str = ""  # smtp://[user:password@]host[:port]?from=addr[&starttls=1] (smtps:// for TLS); empty: no e-mail
+    secret_key: str = field(default="", repr=False)  # empty: generated once into DATA_DIR/secret-key
+    session_hours: float = 12.0
+    local_tier: str = "provincial"
 
     @property
     def spool_dir(self) -> Path:
@@ -331,6 +339,7 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
         "http": {"host": "http_host", "port": "http_port", "render_cache_mb": "render_cache_mb",
                  "public_url": "public_url"},
         "index": {"url": "db_url"},
+        "auth": {"secret_key": "secret_key", "session_hours": "session_hours", "local_tier": "local_tier"},
         "storage": {"url": "storage_url"},
         "ingest": {"duplicate_policy": "duplicate_policy"},
         "forward": {"rules": "forward_rules", "retry_initial": "forward_retry_initial",
@@ -382,6 +391,9 @@ _ENV_NAMES = {
     "CONSULT_DUE_URGENT_HOURS": "consult_due_urgent_hours",
     "CONSULT_DUE_ROUTINE_HOURS": "consult_due_routine_hours",
     "SMTP_URL": "smtp_url",
+    "SECRET_KEY": "secret_key",
+    "SESSION_HOURS": "session_hours",
+    "LOCAL_TIER": "local_tier",
 }
 
 
@@ -462,6 +474,9 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         consult_due_routine_hours=_float("consults due_routine_hours",
                                          raw.get("consult_due_routine_hours", 72.0), minimum=0.01),
         smtp_url=_smtp_url(str(raw.get("smtp_url", ""))),
+        secret_key=_secret_key(str(raw.get("secret_key", ""))),
+        session_hours=_float("auth session_hours", raw.get("session_hours", 12.0), minimum=0.05),
+        local_tier=_tier(str(raw.get("local_tier", "provincial"))),
     )
 
 
@@ -470,4 +485,20 @@ def _smtp_url(value: str) -> str:
         raise ConfigError(f"mail smtp_url must start with smtp:// or smtps://, not {value!r}")
     if value and not urlsplit(value).hostname:
         raise ConfigError(f"mail smtp_url {value!r} names no host")
+    return value
+
+
+_TIERS = ("central", "provincial", "district", "commune")
+
+
+def _tier(value: str) -> str:
+    value = value.strip().lower()
+    if value not in _TIERS:
+        raise ConfigError(f"auth local_tier must be one of {', '.join(_TIERS)}, not {value!r}")
+    return value
+
+
+def _secret_key(value: str) -> str:
+    if value and len(value) < 32:
+        raise ConfigError("auth secret_key must have at least 32 characters (or leave it out to have one generated)")
     return value
