@@ -118,6 +118,9 @@ def openapi_document() -> dict[str, Any]:
     }
     paths["/healthz"]["get"]["security"] = []  # public: load balancers and the test fixtures poll it
     paths.update(_page_paths())
+    from viewer.consults.openapi import consult_paths
+
+    paths.update(consult_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "telepacs", "version": "0.1",

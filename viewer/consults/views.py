@@ -201,7 +201,12 @@ def viewer_url(msg: ConsultMessage, consult_id: int) -> str:
     return f"/viewer/{msg.pin_study_uid}?{urlencode(params)}"
 
 
+MAX_ID = 2**31 - 1  # larger numbers in a URL name nothing (and overflow the database's integers)
+
+
 def _load(session: Session, consult_id: int, user: User) -> Consult:
+    if consult_id > MAX_ID:
+        raise svc.ConsultNotFound(f"no consult {consult_id}")
     return svc.get_consult(session, consult_id, user)
 
 
@@ -389,7 +394,7 @@ def pin_image(consult_id: int, message_id: int) -> ResponseReturnValue:
             consult = _load(session, consult_id, user)
         except svc.ConsultNotFound:
             return _json_error(404, "no such consult")
-        msg = session.get(ConsultMessage, message_id)
+        msg = session.get(ConsultMessage, message_id) if message_id <= MAX_ID else None
         if msg is None or msg.consult_fk != consult.id or not msg.pin_instance_uid:
             return _json_error(404, "no such pinned image")
         session.expunge(msg)
