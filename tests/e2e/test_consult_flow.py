@@ -330,3 +330,25 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
         hub = s.query(Facility).filter_by(code="HUB").one()
         assert hub.name == "Bệnh viện Bạch Mai"
     assert not errors, errors
+
+
+def test_zip_upload_reports_what_is_not_dicom(server, chromium, ct_part10_dir, tmp_path):
+    """A zip from the browser: its DICOM files are stored and confirmed, the rest named with the reason."""
+    import zipfile
+
+    url, _ = server
+    errors: list[str] = []
+    archive_zip = tmp_path / "ca-benh.zip"
+    with zipfile.ZipFile(archive_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for f in dicom_files(ct_part10_dir)[:2]:
+            z.write(f, f"CT/{f.name}")
+        z.writestr("CT/ghi-chu.txt", "không phải DICOM")
+    doctor = _login(chromium, url, "bs.lan", errors)
+    doctor.goto(url + "/consults/new")
+    doctor.set_input_files("#upload-zip", str(archive_zip))
+    doctor.wait_for_function("document.body.dataset.uploadDone === '1'", timeout=60_000)
+    problems = doctor.locator("#upload-errors li").all_inner_texts()
+    assert len(problems) == 1 and "ca-benh.zip/CT/ghi-chu.txt" in problems[0] and "DICOM" in problems[0]
+    assert "2" in doctor.locator("#upload-status").inner_text()
+    _shot(doctor, "10-doctor-zip-upload")
+    assert not errors, errors

@@ -21,5 +21,14 @@ function tick() {
     el.title = new Date(due).toLocaleString();
   }
 }
+// Times are written in UTC by the server; show them in the reader's own time zone.
+for (const el of document.querySelectorAll('time.c-time[datetime]')) {
+  const at = new Date(el.getAttribute('datetime'));
+  if (Number.isNaN(at.getTime())) continue;
+  const pad = n => String(n).padStart(2, '0');
+  el.textContent = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())} ${pad(at.getHours())}:${pad(at.getMinutes())}`;
+  el.title = at.toString();
+}
+
 tick();
 setInterval(tick, 1000);
