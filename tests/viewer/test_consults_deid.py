@@ -115,3 +115,29 @@ def test_actions():
     assert action_for(0x0020000D) == "K" and action_for(0x00280010) == "K"
     assert action_for(0x60023000) == "X" and action_for(0x60000010) == "K"  # overlay data goes, rows stay
     assert action_for(0x00291010) == "X" and action_for(0x50000010) == "X"
+
+
+def test_served_to_an_observer_through_the_consult(sqlite_archive, ct_part10_dir):
+    """What DICOMweb hands an observer of another facility: de-identified JSON and Part 10 bytes."""
+    from archive.index import Source
+    from consult_data import build_world, request_for
+    from viewer.consults import service as svc
+
+    path = dicom_files(ct_part10_dir)[0]
+    sqlite_archive.ingest_file(path, Source(via="stow", facility="DIST"))
+    ds = pydicom.dcmread(path)
+    study = str(ds.StudyInstanceUID)
+    with sqlite_archive.index.write_session() as s:
+        w = build_world(s, with_studies=False)
+        c = svc.create_consult(s, w.doctor, request_for(study_uids=[study]))
+        svc.add_participant(s, c, w.doctor, w.observer, "observer")
+        s.commit()
+        raw = path.read_bytes()
+        assert svc.deidentify_part10_for(s, w.doctor.id, study, raw) is raw
+        served = pydicom.dcmread(pydicom.filebase.DicomBytesIO(svc.deidentify_part10_for(s, w.observer.id, study, raw)))
+        assert served.PatientID == f"CONSULT-{c.id}" and served.PatientIdentityRemoved == "YES"
+        assert served.PixelData == ds.PixelData and served.SOPInstanceUID == ds.SOPInstanceUID
+        rows = [ds.to_json_dict()]
+        assert svc.deidentify_json_for(s, w.radiologist.id, study, rows) is rows
+        shown = svc.deidentify_json_for(s, w.observer.id, study, rows)
+        assert shown[0]["00100020"]["Value"] == [f"CONSULT-{c.id}"] and "00080080" not in shown[0]

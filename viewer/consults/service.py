@@ -912,3 +912,29 @@ def observer_pseudonym(session: Session, user_id: int, study_uid: str) -> str | 
     if not through or any(not sees_deidentified(c, user) for c in through):
         return None
     return f"CONSULT-{through[0].id}"
+
+
+def deidentify_json_for(session: Session, user_id: int, study_uid: str,
+                        objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DICOM JSON (QIDO rows, WADO metadata) of ``study_uid`` as this user must be served it."""
+    from archive.deidentify import deidentify_json
+
+    pseudonym = observer_pseudonym(session, user_id, study_uid)
+    return objects if pseudonym is None else [deidentify_json(o, pseudonym) for o in objects]
+
+
+def deidentify_part10_for(session: Session, user_id: int, study_uid: str, data: bytes) -> bytes:
+    """A stored Part 10 instance of ``study_uid`` as this user must be served it (pixel data untouched)."""
+    from io import BytesIO
+
+    import pydicom
+
+    from archive.deidentify import deidentify_dataset
+
+    pseudonym = observer_pseudonym(session, user_id, study_uid)
+    if pseudonym is None:
+        return data
+    ds = pydicom.dcmread(BytesIO(data))
+    out = BytesIO()
+    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
