@@ -23,8 +23,10 @@ Each run opens the series in a fresh browser context (empty cache) of Playwright
 - **first image** (ms after navigation start): telepacs' own marker ``document.body.dataset.firstImageMs``
   (the viewer-page contract); for both viewers also "first pixels": a requestAnimationFrame poll, injected
   before the page loads, of every canvas and image of 200 px or more until one shows non-blank pixels;
-- **bytes before the first image** (encoded bytes received, from CDP ``Network.dataReceived``), the page's
-  own bytes (document, scripts, styles, fonts) and the data bytes (everything else) per slice;
+- **bytes before the first image**: the document and every response complete by then (Resource Timing
+  ``transferSize``: headers and encoded body, the same clock as the markers); from CDP
+  ``Network.loadingFinished``: the page's own bytes (document, scripts, styles, fonts) and the data bytes
+  (everything else) per slice;
 - **series loaded** (ms): telepacs' marker ``seriesLoadedMs`` (every slice in memory at full quality).
   Orthanc's viewer fetches a slice only when it is shown: it is driven to load them all through its own
   loader (``cornerstone.loadAndCacheImage`` of every slice at once, after the first image);
@@ -217,6 +219,7 @@ def orthanc_series(orthanc: OrthancServer, series_uid: str) -> tuple[str, list[s
 # Injected before any page script: polls every canvas and image of 200 px or more, each animation frame,
 # until one shows non-blank pixels (at least 8 bright pixels in a 32x32 reduction).
 FIRST_PIXELS_SCRIPT = """(() => {
+  performance.setResourceTimingBufferSize(5000);  // every slice request, for the bytes before the first image
   const bench = window.__bench = { firstPixels: null, firstPixelsBy: '' };
   const probe = document.createElement('canvas');
   probe.width = probe.height = 32;
@@ -295,6 +298,14 @@ SCROLL_SCRIPT = """async ({ kind, seconds, count }) => {
   });
 }"""
 
+# Bytes and requests the page had fully received at `ms` (Resource Timing: the same clock as the markers;
+# transferSize includes the headers; the document counts whole).
+BYTES_BEFORE = """(ms) => {
+  const nav = performance.getEntriesByType('navigation')[0];
+  const done = performance.getEntriesByType('resource').filter((e) => e.responseEnd > 0 && e.responseEnd <= ms);
+  return { bytes: (nav ? nav.transferSize : 0) + done.reduce((n, e) => n + e.transferSize, 0), requests: done.length + 1 };
+}"""
+
 ORTHANC_LOAD_ALL = """async ({ ids, timeoutMs }) => {
   const all = Promise.all(ids.map((id) => new Promise((resolve, reject) => {
     window.cornerstone.loadAndCacheImage(id).then(resolve, () => reject(new Error('slice ' + id + ' failed')));
@@ -346,17 +357,14 @@ class NetworkLog:
 
     def __init__(self, origin: str) -> None:
         self.origin = origin
-        self.doc_ts: float | None = None  # CDP timestamp of the document request (~ navigation start)
         self.types: dict[str, str] = {}
         self.urls: dict[str, str] = {}
-        self.received: list[tuple[float, str, int]] = []  # (timestamp, requestId, encoded bytes)
         self.finished: dict[str, int] = {}  # requestId -> encoded bytes incl. headers
         self.off_origin: list[str] = []
         self.failed: list[str] = []
 
     def attach(self, cdp: Any) -> None:
         cdp.on("Network.requestWillBeSent", self._sent)
-        cdp.on("Network.dataReceived", self._data)
         cdp.on("Network.loadingFinished", self._finished)
         cdp.on("Network.loadingFailed", self._failed)
         cdp.on("Network.responseReceived", self._response)
@@ -365,13 +373,8 @@ class NetworkLog:
         url = event["request"]["url"]
         self.types[event["requestId"]] = event.get("type", "Other")
         self.urls[event["requestId"]] = url
-        if event.get("type") == "Document" and self.doc_ts is None:
-            self.doc_ts = event["timestamp"]
         if not url.startswith(self.origin + "/") and not url.startswith("data:") and not url.startswith("blob:"):
             self.off_origin.append(url)
-
-    def _data(self, event: dict[str, Any]) -> None:
-        self.received.append((event["timestamp"], event["requestId"], int(event.get("encodedDataLength", 0))))
 
     def _finished(self, event: dict[str, Any]) -> None:
         self.finished[event["requestId"]] = int(event.get("encodedDataLength", 0))
@@ -384,14 +387,6 @@ class NetworkLog:
         status = event["response"]["status"]
         if status >= 400:
             self.failed.append(f"{status} {event['response']['url']}")
-
-    def bytes_before(self, page_ms: float) -> tuple[int, int]:
-        """(encoded bytes received, requests seen) up to ``page_ms`` after navigation start."""
-        if self.doc_ts is None:
-            return 0, 0
-        limit = self.doc_ts + page_ms / 1000
-        hits = [(rid, n) for ts, rid, n in self.received if ts <= limit]
-        return sum(n for _, n in hits), len({rid for rid, _ in hits})
 
     def totals(self) -> tuple[int, int]:
         """(page bytes, data bytes) of the finished requests (data: not document/script/style/font)."""
@@ -434,7 +429,8 @@ def measure(browser: Any, target: Target, link: dict[str, Any] | None, run_no: i
                                    polling=50)
             result.first_image_ms = round(float(page.evaluate("document.body.dataset.firstImageMs")), 1)
             first = result.first_image_ms
-        result.bytes_before_first_image, result.requests_before_first_image = network.bytes_before(first)
+        before = page.evaluate(BYTES_BEFORE, first)
+        result.bytes_before_first_image, result.requests_before_first_image = before["bytes"], before["requests"]
         if shots is not None:
             page.screenshot(path=str(shots / f"{target.viewer}-{link_name.split()[0]}-run{run_no}-first.png"))
         loaded_at = _series_loaded(page, target, timeout_ms, result)
