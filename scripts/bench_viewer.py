@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_viewer.py [--runs 3] [--slices 300] [--quick]
                                              [--telepacs-repo DIR] [--no-orthanc] [--links loopback,2mbit]
+                                             [--ohif [--ohif-dir DIR]]
                                              [--data-dir DIR] [--out bench-output/viewer.json]
 
 Servers (each started by this script on free loopback ports, in its own directory, stopped by its PID):
@@ -12,6 +13,11 @@ Servers (each started by this script on free loopback ports, in its own director
   runs another checkout's code with that checkout's ``.venv`` (e.g. the viewer branch's worktree);
 - Debian's Orthanc with the ``orthanc-webviewer`` plugin (``apt-get install orthanc-webviewer``),
   ``RemoteAccessAllowed: false``, its own storage and web-viewer cache, loaded through ``POST /instances``.
+
+With ``--ohif``, also the OHIF Viewer v3 that telepacs serves at ``/ohif/`` (``TELEPACS_OHIF_DIR`` or
+``--ohif-dir``; see the README): first image, bytes and the series load (every frame fetched, from
+Resource Timing); its scroll rate is not measured, and it is measured on loopback only unless
+``--ohif-slow`` is given (20+ MB of scripts before its first image, then every frame uncompressed).
 
 Data: a generated 300-slice 512x512 16-bit CT series (scripts/bench_ingest.py's generator), kept in
 ``--data-dir`` between runs.
@@ -132,7 +138,7 @@ def peak_rss_mb(pid: int | None) -> float | None:
 class TelepacsServer:
     """telepacs' web app under gunicorn from ``repo`` (its own .venv), in its own data dir, stopped by PID."""
 
-    def __init__(self, repo: Path, work_dir: Path) -> None:
+    def __init__(self, repo: Path, work_dir: Path, ohif_dir: Path | None = None) -> None:
         self.repo = repo
         self.work_dir = work_dir
         self.python = repo / ".venv" / "bin" / "python"
@@ -143,6 +149,8 @@ class TelepacsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = _env({"TELEPACS_DATA_DIR": str(work_dir / "telepacs-data"), "TELEPACS_LOG_LEVEL": "WARNING",
                          "TELEPACS_HTTP_HOST": LOOPBACK, "TELEPACS_HTTP_PORT": str(self.port)})
+        if ohif_dir is not None:
+            self.env["TELEPACS_OHIF_DIR"] = str(ohif_dir)
 
     @property
     def url(self) -> str:
@@ -306,6 +314,13 @@ BYTES_BEFORE = """(ms) => {
   return { bytes: (nav ? nav.transferSize : 0) + done.reduce((n, e) => n + e.transferSize, 0), requests: done.length + 1 };
 }"""
 
+# OHIF preloads the series itself (one WADO-RS request per frame): when all were in, page clock.
+OHIF_FRAMES_DONE = """(count) => {
+  const frames = performance.getEntriesByType('resource').filter((e) => e.name.includes('/frames/') && e.responseEnd > 0);
+  const urls = new Set(frames.map((e) => e.name));
+  return urls.size >= count ? Math.max(...frames.map((e) => e.responseEnd)) : null;
+}"""
+
 ORTHANC_LOAD_ALL = """async ({ ids, timeoutMs }) => {
   const all = Promise.all(ids.map((id) => new Promise((resolve, reject) => {
     window.cornerstone.loadAndCacheImage(id).then(resolve, () => reject(new Error('slice ' + id + ' failed')));
@@ -321,7 +336,7 @@ ORTHANC_LOAD_ALL = """async ({ ids, timeoutMs }) => {
 
 @dataclass
 class Target:
-    viewer: str  # "telepacs" | "orthanc"
+    viewer: str  # "telepacs" | "orthanc" | "ohif"
     origin: str
     url: str
     slices: int
@@ -405,6 +420,8 @@ def measure(browser: Any, target: Target, link: dict[str, Any] | None, run_no: i
     result = Run(target.viewer, link_name, run_no)
     context = browser.new_context(viewport=VIEWPORT)
     context.add_init_script(FIRST_PIXELS_SCRIPT)
+    if target.viewer == "ohif":  # start as a returning user: the first-visit tour covers the viewport
+        context.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
     page = context.new_page()
     cdp = context.new_cdp_session(page)
     network = NetworkLog(target.origin)
@@ -434,7 +451,10 @@ def measure(browser: Any, target: Target, link: dict[str, Any] | None, run_no: i
         if shots is not None:
             page.screenshot(path=str(shots / f"{target.viewer}-{link_name.split()[0]}-run{run_no}-first.png"))
         loaded_at = _series_loaded(page, target, timeout_ms, result)
-        if loaded_at is not None:
+        if loaded_at is not None and target.viewer == "ohif":
+            result.series_loaded_ms = round(loaded_at, 1)
+            result.notes.append("scroll rate not measured for OHIF")
+        elif loaded_at is not None:
             result.series_loaded_ms = round(loaded_at, 1)
             scroll = page.evaluate(SCROLL_SCRIPT, {"kind": target.viewer, "seconds": SCROLL_SECONDS,
                                                    "count": target.slices})
@@ -467,6 +487,10 @@ def _series_loaded(page: Any, target: Target, timeout_ms: float, result: Run) ->
             result.series_loaded_how = "dataset.seriesLoadedMs (the viewer's own prefetch)"
             page.wait_for_function("document.body.dataset.seriesLoadedMs", timeout=timeout_ms, polling=100)
             return float(page.evaluate("document.body.dataset.seriesLoadedMs"))
+        if target.viewer == "ohif":
+            result.series_loaded_how = "every frame fetched (Resource Timing; OHIF preloads the series)"
+            handle = page.wait_for_function(OHIF_FRAMES_DONE, arg=target.slices, timeout=timeout_ms, polling=250)
+            return float(handle.json_value())
         result.series_loaded_how = "driven: cornerstone.loadAndCacheImage of every slice after the first image"
         page.wait_for_function("window.cornerstone && window.jQuery && document.querySelector('#dicomImage canvas')",
                                timeout=timeout_ms)
@@ -591,6 +615,10 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                      f"{theirs['first_image_ms']:.0f} ms" if theirs and theirs["first_image_ms"] else "")
             out.append(f"first image, {link}: {ours['first_image_ms']:.0f} ms{ratio} (target < {limit} ms): "
                        f"{_verdict(ours['first_image_ms'] < limit)}")
+        ohif = by.get(("ohif", link))
+        if ours and ohif and ours["first_image_ms"] and ohif["first_image_ms"]:
+            out.append(f"first image, {link}: telepacs = {ours['first_image_ms'] / ohif['first_image_ms']:.2f}x "
+                       f"OHIF's {ohif['first_image_ms']:,.0f} ms")
         if ours and theirs and ours["bytes_before_first_image"] and theirs["bytes_before_first_image"]:
             out.append(f"bytes before the first image, {link}: {ours['bytes_before_first_image']:,.0f} = "
                        f"{ours['bytes_before_first_image'] / theirs['bytes_before_first_image']:.2f}x Orthanc's "
@@ -618,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--telepacs-repo", type=Path, default=REPO,
                         help="the telepacs checkout to run (its .venv's python), default this one")
     parser.add_argument("--no-orthanc", action="store_true", help="measure telepacs only")
+    parser.add_argument("--ohif", action="store_true", help="also measure OHIF v3 at telepacs' /ohif/")
+    parser.add_argument("--ohif-dir", type=Path, default=None,
+                        help="the OHIF bundle (default TELEPACS_OHIF_DIR, else .cache/ohif)")
+    parser.add_argument("--ohif-slow", action="store_true",
+                        help="measure OHIF on the 2 Mbit/s link too (each run takes minutes)")
     parser.add_argument("--links", default="loopback,2mbit", help="loopback and/or 2mbit (comma-separated)")
     parser.add_argument("--load-timeout", type=float, default=240.0,
                         help="seconds allowed for a first image or a whole-series load (per run)")
@@ -657,7 +690,10 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
             raise SystemExit(f"unknown link {name!r}: loopback or 2mbit")
     study_uid, series_uid = _uids(files[0])
     notes: list[str] = []
-    telepacs = TelepacsServer(args.telepacs_repo.resolve(), scratch / "telepacs")
+    ohif_dir = (args.ohif_dir or Path(os.environ.get("TELEPACS_OHIF_DIR") or REPO / ".cache" / "ohif")).resolve()
+    if args.ohif and not (ohif_dir / "index.html").is_file():
+        raise SystemExit(f"OHIF bundle not found in {ohif_dir}: run scripts/fetch_ohif.py or pass --ohif-dir")
+    telepacs = TelepacsServer(args.telepacs_repo.resolve(), scratch / "telepacs", ohif_dir if args.ohif else None)
     (scratch / "telepacs").mkdir()
     orthanc: OrthancServer | None = None
     runs: list[Run] = []
@@ -668,6 +704,9 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
         print(f"  telepacs web at {telepacs.url} (gunicorn pid {telepacs.proc.pid if telepacs.proc else '?'},"
               f" code from {telepacs.repo})", flush=True)
         targets_: list[Target] = [Target("telepacs", telepacs.url, f"{telepacs.url}/viewer/{study_uid}", len(files))]
+        if args.ohif:
+            targets_.append(Target("ohif", telepacs.url,
+                                   f"{telepacs.url}/ohif/viewer?StudyInstanceUIDs={study_uid}", len(files)))
         if not args.no_orthanc:
             orthanc = start_orthanc(scratch / "orthanc")
             took = load_orthanc(orthanc, files)
@@ -678,11 +717,19 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
                                    len(slice_ids), slice_ids))
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+            # OHIF needs WebGL (SwiftShader). Its own browser: with SwiftShader on, the 2D canvases of the
+            # other viewers go through it too and draw several times slower.
+            webgl = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                       args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"]) \
+                if args.ohif else None
             try:
                 for link in links:
                     for run_no in range(1, runs_per + 1):
                         for target in targets_:  # the viewers take turns: the machine's load falls on both
-                            result = measure(browser, target, link, run_no, load_timeout, shots)
+                            if target.viewer == "ohif" and link is not None and not args.ohif_slow:
+                                continue  # 20+ MB of scripts, then every frame uncompressed: minutes per run
+                            result = measure(webgl if target.viewer == "ohif" else browser, target, link, run_no,
+                                             load_timeout, shots)
                             runs.append(result)
                             print(f"  {target.viewer:8} {result.link:16} run {run_no}: first image "
                                   f"{_fmt(result.first_image_ms or result.first_pixels_ms)} ms, "
@@ -693,6 +740,8 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
                                   + (f"; {'; '.join(result.notes)}" if result.notes else ""), flush=True)
             finally:
                 browser.close()
+                if webgl is not None:
+                    webgl.close()
         rss["telepacs gunicorn (master + workers)"] = peak_rss_mb(telepacs.proc.pid if telepacs.proc else None)
         if orthanc is not None:
             rss["Orthanc + web viewer"] = peak_rss_mb(orthanc.pid)
@@ -739,9 +788,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(info, rows, rss))
     print("\n## Targets (issue 5)\n")
     print("\n".join(f"- {g}" for g in goals) or "- (nothing measured)")
-    print(f"\nissue's figures for comparison (not measured here): OHIF v3 first image "
-          f"{ISSUE_FIGURES['ohif first image loopback ms']} ms loopback, "
-          f"{ISSUE_FIGURES['ohif first image 2mbit ms'] / 1000:.0f} s at 2 Mbit/s")
+    if not args.ohif:
+        print(f"\nissue's figures for comparison (not measured here): OHIF v3 first image "
+              f"{ISSUE_FIGURES['ohif first image loopback ms']} ms loopback, "
+              f"{ISSUE_FIGURES['ohif first image 2mbit ms'] / 1000:.0f} s at 2 Mbit/s (--ohif measures it)")
     if notes:
         print("\n## Notes\n")
         print("\n".join(f"- {n}" for n in notes))
