@@ -385,8 +385,8 @@ def study_list() -> ResponseReturnValue:
     try:
         search = parse_search(request.args)
     except BadSearch as exc:
-        log.warning("study list: bad search from %s (%s): %s", request.remote_addr, request.query_string.decode(
-            errors="replace"), exc)
+        # The fields and what is wrong with them; not the whole query string (it may hold patient names).
+        log.warning("study list: bad search from %s: %s", request.remote_addr, exc)
         return _render(ListPage(StudySearch(), form, problems=exc.problems), 400)
     try:
         found = find_page(get_archive().index, Level.STUDY, search.match_keys(), fuzzy=True,
