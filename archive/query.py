@@ -53,6 +53,7 @@ from archive.matching import (
     parse_level,
 )
 from archive.models import Instance, Patient, Series, Study
+from archive.scope import StudyScope
 
 BATCH = 200  # rows fetched from the database at a time
 
@@ -195,8 +196,26 @@ def _with_parents(stmt: Any, level: Level) -> Any:
     return stmt if option is None else stmt.options(option)
 
 
+def in_scope(stmt: Any, level: Level, scope: StudyScope | None) -> Any:
+    """``stmt`` (a SELECT of ``level`` rows) restricted to the rows of the studies in ``scope``.
+
+    A semi-join on the studies in scope, whatever the matching already joined
+    (an uncorrelated ``IN (SELECT ...)`` both engines plan as a hash or index lookup).
+    """
+    if scope is None or scope.everything:
+        return stmt
+    if level is Level.STUDY:
+        return stmt.where(scope.study_condition())
+    studies = select(Study.id).where(scope.study_condition())
+    if level is Level.SERIES:
+        return stmt.where(Series.study_fk.in_(studies))
+    if level is Level.IMAGE:
+        return stmt.where(Instance.series_fk.in_(select(Series.id).where(Series.study_fk.in_(studies))))
+    return stmt.where(Patient.id.in_(select(Study.patient_fk).where(scope.study_condition())))
+
+
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
-         fuzzy: bool = False) -> Iterator[Row]:
+         fuzzy: bool = False, scope: StudyScope | None = None) -> Iterator[Row]:
     """The rows of ``level`` matching every key, streamed, as {keyword: value} of the requested keys.
 
     Parameters
@@ -211,6 +230,8 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     fuzzy
         Case- and diacritic-insensitive matching of PatientName (see
         :func:`archive.matching.person_name_match`); a key's own ``fuzzy`` wins.
+    scope
+        Only rows of the studies in this scope (None: everything); filtered in SQL.
 
     Raises
     ------
@@ -231,7 +252,7 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     """
     level = parse_level(level)
     matching, returned = _sort_keys(level, keys)
-    stmt = _with_parents(build_query(level, matching, fuzzy=fuzzy), level)
+    stmt = _with_parents(in_scope(build_query(level, matching, fuzzy=fuzzy), level, scope), level)
     return _stream(index, level, stmt.execution_options(yield_per=BATCH), returned)
 
 
@@ -371,13 +392,14 @@ def _split_archive_keys(level: Level, keys: Sequence[MatchKey]) -> tuple[list[Ma
 
 
 def find_page(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *, fuzzy: bool = False,
-              sort: Sequence[SortKey] = (), offset: int = 0, limit: int | None = None) -> Page:
+              scope: StudyScope | None = None, sort: Sequence[SortKey] = (), offset: int = 0,
+              limit: int | None = None) -> Page:
     """One sorted page of the rows :func:`find` would match, and how many match in all.
 
     Parameters
     ----------
-    index, level, keys, fuzzy
-        As for :func:`find` (the same matching). ``keys`` may also name the
+    index, level, keys, fuzzy, scope
+        As for :func:`find` (the same matching, the same visibility). ``keys`` may also name the
         archive's own return keys (:data:`ARCHIVE_KEYS`, e.g. ``ReceivedAt``)
         with an empty value.
     sort
@@ -401,7 +423,7 @@ def find_page(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey],
     level = parse_level(level)
     dicom_keys, archive_keys = _split_archive_keys(level, keys)
     matching, returned = _sort_keys(level, dicom_keys)
-    base = build_query(level, matching, fuzzy=fuzzy)
+    base = in_scope(build_query(level, matching, fuzzy=fuzzy), level, scope)
     counted = select(func.count()).select_from(base.order_by(None).subquery())
     stmt = _with_parents(_ordered(base, level, sort), level).offset(offset).limit(limit)
     try:
@@ -427,4 +449,4 @@ def find_page(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey],
 
 
 __all__ = ["ARCHIVE_KEYS", "BATCH", "COMPUTED", "RETURN_KEYS", "SORTABLE", "InvalidValue", "Level", "MatchKey",
-           "Page", "PageRow", "Row", "SortKey", "UnsupportedKey", "find", "find_page"]
+           "Page", "PageRow", "Row", "SortKey", "StudyScope", "UnsupportedKey", "find", "find_page", "in_scope"]

@@ -156,13 +156,28 @@ class TelepacsServer:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def _cli(self, *args: str, timeout: float = 900) -> None:
+    def _cli(self, *args: str, timeout: float = 900, stdin: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
         cli = self.python.parent / "telepacs"
         command = [str(cli), *args] if cli.exists() else [str(self.python), "-m", "telepacs.cli", *args]
         res = subprocess.run(command, cwd=self.repo, env=self.env, capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, timeout=timeout)
-        if res.returncode != 0:
+                             input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL, timeout=timeout)
+        if check and res.returncode != 0:
             raise PeerError(f"telepacs {args[0]} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        return res
+
+    def add_reader(self) -> tuple[str, str] | None:
+        """An administrator to log in as (checkouts with the login); None when this checkout has no users."""
+        if "user" not in self._cli("--help", timeout=60).stdout:
+            return None
+        password = "bench-" + os.urandom(12).hex()
+        added = self._cli("user", "add", "--facility", "LOCAL", "--role", "admin", "--password-stdin", "bench",
+                          stdin=password + "\n", timeout=120, check=False)
+        if added.returncode != 0:  # no facility LOCAL yet on this checkout's fresh install
+            self._cli("facility", "add", "LOCAL", timeout=60)
+            self._cli("user", "add", "--facility", "LOCAL", "--role", "admin", "--password-stdin", "bench",
+                      stdin=password + "\n", timeout=120)
+        return "bench", password
 
     def load(self, files: Sequence[Path]) -> float:
         t0 = time.perf_counter()
@@ -341,6 +356,7 @@ class Target:
     url: str
     slices: int
     slice_ids: list[str] = field(default_factory=list)  # Orthanc's, to drive its loader
+    login: tuple[str, str] | None = None  # telepacs' user and password, when its pages need a login
 
 
 @dataclass
@@ -422,6 +438,8 @@ def measure(browser: Any, target: Target, link: dict[str, Any] | None, run_no: i
     context.add_init_script(FIRST_PIXELS_SCRIPT)
     if target.viewer == "ohif":  # start as a returning user: the first-visit tour covers the viewport
         context.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+    if target.login is not None:
+        _log_in(context, target.origin, *target.login)  # before the measured page: not counted
     page = context.new_page()
     cdp = context.new_cdp_session(page)
     network = NetworkLog(target.origin)
@@ -476,6 +494,21 @@ def measure(browser: Any, target: Target, link: dict[str, Any] | None, run_no: i
         result.failed_requests = network.failed[:20]
         context.close()
     return result
+
+
+def _log_in(context: Any, origin: str, username: str, password: str) -> None:
+    """Log the browser context in through telepacs' login form (the session cookie stays in the context)."""
+    import re
+
+    form = context.request.get(origin + "/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text()) or re.search(
+        r'<meta name="csrf-token" content="([^"]+)"', form.text())
+    if token is None:
+        raise PeerError("telepacs' login page has no CSRF token")
+    answer = context.request.post(origin + "/login", form={"username": username, "password": password,
+                                                           "csrf_token": token.group(1)}, max_redirects=0)
+    if answer.status != 302:
+        raise PeerError(f"telepacs refused the benchmark's login: {answer.status} {answer.text()[:300]}")
 
 
 def _series_loaded(page: Any, target: Target, timeout_ms: float, result: Run) -> float | None:
@@ -700,13 +733,16 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
     rss: dict[str, float | None] = {}
     try:
         print(f"  telepacs import: {telepacs.load(files):.1f} s", flush=True)
+        login = telepacs.add_reader()
         telepacs.start()
         print(f"  telepacs web at {telepacs.url} (gunicorn pid {telepacs.proc.pid if telepacs.proc else '?'},"
               f" code from {telepacs.repo})", flush=True)
-        targets_: list[Target] = [Target("telepacs", telepacs.url, f"{telepacs.url}/viewer/{study_uid}", len(files))]
+        targets_: list[Target] = [Target("telepacs", telepacs.url, f"{telepacs.url}/viewer/{study_uid}", len(files),
+                                         login=login)]
         if args.ohif:
             targets_.append(Target("ohif", telepacs.url,
-                                   f"{telepacs.url}/ohif/viewer?StudyInstanceUIDs={study_uid}", len(files)))
+                                   f"{telepacs.url}/ohif/viewer?StudyInstanceUIDs={study_uid}", len(files),
+                                   login=login))
         if not args.no_orthanc:
             orthanc = start_orthanc(scratch / "orthanc")
             took = load_orthanc(orthanc, files)

@@ -1,7 +1,8 @@
 """People's pages: the study list at ``/`` (search the archive, sorted and paged; a row opens the viewer).
 
 The search state lives in the query string (a GET form), so a search can be bookmarked, shared and
-gone back to. The list is one server-rendered page (no script needed; ``static/study-list.js`` only
+gone back to. Only the studies the user may see are listed (:func:`viewer.auth.access_scope`, filtered
+in SQL). The list is one server-rendered page (no script needed; ``static/study-list.js`` only
 adds clickable rows and keyboard navigation). Searching goes through :func:`archive.query.find_page`:
 the same matching as C-FIND and QIDO-RS, with sorting, paging and the total count.
 
@@ -27,6 +28,7 @@ from flask_babel import format_date, format_time, format_timedelta, gettext
 from archive.index import IndexUnavailable
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import PageRow, SortKey, find_page
+from viewer.auth import access_scope
 from viewer.deps import get_archive
 
 log = logging.getLogger(__name__)
@@ -389,7 +391,7 @@ def study_list() -> ResponseReturnValue:
         log.warning("study list: bad search from %s: %s", request.remote_addr, exc)
         return _render(ListPage(StudySearch(), form, problems=exc.problems), 400)
     try:
-        found = find_page(get_archive().index, Level.STUDY, search.match_keys(), fuzzy=True,
+        found = find_page(get_archive().index, Level.STUDY, search.match_keys(), fuzzy=True, scope=access_scope(),
                           sort=search.sort_keys(), offset=search.offset, limit=search.size)
     except (UnsupportedKey, InvalidValue) as exc:
         log.warning("study list: search refused by the archive from %s: %s", request.remote_addr, exc)

@@ -24,6 +24,7 @@ import pytest
 from archive.dataset import fold_name
 from archive.index import Source
 from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, write_instance
+from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD
 from tests.viewer.conftest import web  # noqa: F401  (gunicorn on a free port, as a fixture of this module)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -132,6 +133,16 @@ def list_browser() -> Iterator[Any]:
             browser.close()
 
 
+def _log_in(page: Any, url: str) -> None:
+    """Open the list: the login page comes first (deny by default), then the list."""
+    page.goto(url + "/")
+    assert "/login?next=" in page.url, page.url
+    page.fill("#username", ADMIN)
+    page.fill("#password", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda current: "/login" not in current)
+
+
 def _patient_ids(page: Any) -> list[str]:
     return [text.strip() for text in page.locator("table.studies tbody td.pid").all_inner_texts()]
 
@@ -157,8 +168,8 @@ def test_search_sort_page_language_and_open(list_web: Loaded, list_browser: Any,
     def shot(name: str) -> None:
         page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
-    # The list: every study, newest arrival first (the generated ones came last).
-    page.goto(list_web.url + "/")
+    # The list (after the login): every study, newest arrival first (the generated ones came last).
+    _log_in(page, list_web.url)
     assert page.locator("h1").inner_text() == "Studies"
     assert page.locator("#summary").inner_text() == f"1–{TOTAL} of {TOTAL} studies"
     ids = _patient_ids(page)
@@ -267,9 +278,12 @@ def test_tablet_and_phone_layouts(list_web: Loaded, list_browser: Any, tmp_path:
         context = list_browser.new_context(viewport={"width": width, "height": height}, locale="vi-VN",
                                            has_touch=name == "phone")
         page = context.new_page()
+        _log_in(page, list_web.url)
         page.goto(list_web.url + "/?size=10")
         assert page.locator("h1").inner_text() == "Ca chụp"
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        if overflow > 0:
+            page.screenshot(path=str(shots / f"{name}-overflow.png"), full_page=True)
         assert overflow <= 0, f"{name}: the page scrolls sideways by {overflow} px"
         if name == "tablet":
             table = page.locator("table.studies").bounding_box()

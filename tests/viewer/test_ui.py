@@ -1,7 +1,8 @@
 """The study list at ``/``: every search field, sorting, paging, bad parameters, languages, time zone.
 
-Most tests use Flask's test client on an archive loaded with generated studies whose arrival times are
-set (so that the default order, newest arrival first, is known); one runs the page under gunicorn.
+Most tests use Flask's test client, as the administrator (API token), on an archive loaded with generated
+studies whose arrival times are set (so that the default order, newest arrival first, is known); others
+check who sees what (the login, a district user's facility); one runs the page under gunicorn.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pydicom import dcmread
 from flask.testing import FlaskClient
 from sqlalchemy import text, update
 
+from archive import people
 from archive.index import Source
 from archive.models import Study
 from archive.service import Archive
 from helpers import make_settings, write_instance
+from tests.viewer.conftest import seed_admin
 from viewer import create_app
 from viewer.ui import display_name, name_pattern, prefix_pattern
 
@@ -68,8 +71,13 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Archive, 
     tmp = tmp_path_factory.mktemp("study-list")
     archive = Archive.open(make_settings(tmp))
     uids = _load(archive, tmp)
+    archive.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    TOKENS[archive.settings.data_dir] = seed_admin(archive)
     yield archive, uids
     archive.close()
+
+
+TOKENS: dict[Path, str] = {}  # data dir -> the admin's API token
 
 
 def _app(archive: Archive, **config: object) -> Flask:
@@ -77,9 +85,19 @@ def _app(archive: Archive, **config: object) -> Flask:
                        "BABEL_DEFAULT_TIMEZONE": "Asia/Ho_Chi_Minh", **config})
 
 
+def _client(archive: Archive, token: str | None = None, **config: object) -> FlaskClient:
+    """A test client sending ``token`` (default: the administrator's) with every request."""
+    client = _app(archive, **config).test_client()
+    if token is None:
+        token = TOKENS.get(archive.settings.data_dir) or seed_admin(archive)
+        TOKENS[archive.settings.data_dir] = token
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
 @pytest.fixture(scope="module")
 def client(loaded: tuple[Archive, dict[str, str]]) -> FlaskClient:
-    return _app(loaded[0]).test_client()
+    return _client(loaded[0])
 
 
 # --- reading the page ---------------------------------------------------------------------------------
@@ -203,7 +221,7 @@ def test_no_match_says_so(client: FlaskClient) -> None:
 def test_an_empty_archive_says_so(tmp_path: Path) -> None:
     archive = Archive.open(make_settings(tmp_path))
     try:
-        html, page = _page(_app(archive).test_client())
+        html, page = _page(_client(archive))
         assert page.rows == [] and "The archive holds no studies yet" in html
     finally:
         archive.close()
@@ -305,10 +323,11 @@ def test_a_bad_field_is_marked_and_keeps_what_was_typed(client: FlaskClient) -> 
 def test_the_index_failing_is_a_503_page(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     archive = Archive.open(make_settings(tmp_path))
     try:
+        client = _client(archive)
         with archive.index.engine.begin() as conn:
             conn.execute(text("ALTER TABLE studies RENAME TO studies_elsewhere"))
         with caplog.at_level(logging.ERROR, logger="viewer.ui"):
-            html, _ = _page(_app(archive).test_client(), status=503)
+            html, _ = _page(client, status=503)
         assert "The archive&#39;s index is not answering" in html and "Traceback" not in html
         assert any("the index failed" in r.getMessage() for r in caplog.records)
     finally:
@@ -336,9 +355,40 @@ def test_vietnamese_page(client: FlaskClient) -> None:
 
 def test_times_follow_the_configured_zone(loaded) -> None:
     archive, _ = loaded
-    client = _app(archive, BABEL_DEFAULT_TIMEZONE="UTC").test_client()
+    client = _client(archive, BABEL_DEFAULT_TIMEZONE="UTC")
     (row,) = _page(client, "patient_id=VN001")[1].rows
     assert row["received"].endswith("Nov 1, 2026 8:00 PM"), row["received"]
+
+
+# --- who sees what -------------------------------------------------------------------------------------
+
+
+def test_anonymous_visitors_are_sent_to_the_login(loaded) -> None:
+    archive, _ = loaded
+    response = _app(archive).test_client().get("/?name=nguyen")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login?next=")
+
+
+def test_a_district_user_sees_only_their_facilitys_studies(loaded, caplog) -> None:
+    archive, uids = loaded
+    with archive.index.write_session() as session, session.begin():
+        people.create_facility(session, code="BV-HUYEN-A", actor="test")
+        people.create_user(session, username="bacsi.a", password="mat khau rat dai 123", role="requester",
+                           facility_code="BV-HUYEN-A", actor="test")
+        _, token = people.create_token(session, "bacsi.a", "tests", actor="test")
+        session.execute(update(Study).where(Study.study_uid.in_([uids["VN001"], uids["VN003"]]))
+                        .values(facility="BV-HUYEN-A"))
+    try:
+        district = _client(archive, token)
+        html, page = _page(district)
+        assert [row["pid"] for row in page.rows] == ["VN003", "VN001"] and _summary(html) == "1–2 of 2 studies"
+        assert _ids(district, "name=nguyen&sort=id") == ["VN001", "VN003"]
+        assert _ids(district, "patient_id=VN002") == []  # another facility's study is not there at all
+        assert len(_page(_client(archive))[1].rows) == 17  # the administrator still sees everything
+    finally:
+        with archive.index.write_session() as session, session.begin():
+            session.execute(update(Study).where(Study.facility == "BV-HUYEN-A").values(facility=None))
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -361,10 +411,13 @@ def test_under_gunicorn(web) -> None:
     path = write_instance(Path(web.log).parent / "one.dcm", PatientID="G1", PatientName="Đỗ^Thị Hoa",
                           StudyDate="20250102", Modality="MR")
     web.archive.ingest_file(path, Source("import"))
-    page = requests.get(web.url + "/?name=do+thi", timeout=10)
+    anonymous = requests.get(web.url + "/?name=do+thi", timeout=10, allow_redirects=False)
+    assert anonymous.status_code == 302 and "/login?next=" in anonymous.headers["Location"]
+    session = web.login()  # through the login page, as a person does
+    page = session.get(web.url + "/?name=do+thi", timeout=10)
     assert page.status_code == 200 and "Đỗ Thị Hoa" in page.text and "/viewer/" in page.text
     for asset in ("/static/study-list.css", "/static/study-list.js"):
         assert requests.get(web.url + asset, timeout=10).status_code == 200
-    bad = requests.get(web.url + "/?page=-1", timeout=10)
+    bad = session.get(web.url + "/?page=-1", timeout=10)
     assert bad.status_code == 400 and "text/html" in bad.headers["Content-Type"]
     assert "The page number must be 1 or more." in bad.text
