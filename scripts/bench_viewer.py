@@ -163,21 +163,20 @@ class TelepacsServer:
         res = subprocess.run(command, cwd=self.repo, env=self.env, capture_output=True, text=True,
                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL, timeout=timeout)
         if check and res.returncode != 0:
-            raise PeerError(f"telepacs {args[0]} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+            raise PeerError(f"telepacs {args[0]} failed ({res.returncode}):\n"
+                            f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         return res
 
     def add_reader(self) -> tuple[str, str] | None:
         """An administrator to log in as (checkouts with the login); None when this checkout has no users."""
         if "user" not in self._cli("--help", timeout=60).stdout:
             return None
-        password = "bench-" + os.urandom(12).hex()
-        added = self._cli("user", "add", "--facility", "LOCAL", "--role", "admin", "--password-stdin", "bench",
-                          stdin=password + "\n", timeout=120, check=False)
-        if added.returncode != 0:  # no facility LOCAL yet on this checkout's fresh install
-            self._cli("facility", "add", "LOCAL", timeout=60)
-            self._cli("user", "add", "--facility", "LOCAL", "--role", "admin", "--password-stdin", "bench",
-                      stdin=password + "\n", timeout=120)
-        return "bench", password
+        username, password = "bench-reader", "pw-" + os.urandom(12).hex()
+        add = ["user", "add", "--facility", "LOCAL", "--role", "admin", "--password-stdin", username]
+        if self._cli(*add, stdin=password + "\n", timeout=120, check=False).returncode != 0:
+            self._cli("facility", "add", "LOCAL", timeout=60)  # no facility LOCAL yet on this fresh install
+            self._cli(*add, stdin=password + "\n", timeout=120)
+        return username, password
 
     def load(self, files: Sequence[Path]) -> float:
         t0 = time.perf_counter()
