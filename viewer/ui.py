@@ -38,10 +38,12 @@ bp = Blueprint("ui", __name__)
 PAGE_SIZES = (10, 25, 50, 100)
 DEFAULT_PAGE_SIZE = 25
 MAX_TEXT = 64  # characters in a search field (the longest matched attribute, LO, holds 64)
+MAX_PAGE = 1_000_000  # beyond any archive's last page; keeps the offset a sane integer for the database
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The modalities offered in the search form (any other code may still be typed into the URL).
 MODALITIES = ("CR", "CT", "DX", "ES", "MG", "MR", "NM", "OT", "PT", "RF", "SR", "US", "XA")
 _MODALITY = re.compile(r"[A-Z0-9]{1,16}")
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _NAME_SEPARATORS = re.compile(r"[\s,^]+")
 
 
@@ -188,6 +190,8 @@ def parse_search(args: Mapping[str, str]) -> StudySearch:
         value = args.get(name, "").strip()
         if len(value) > MAX_TEXT:
             problems[name] = gettext("At most %(count)d characters.", count=MAX_TEXT)
+        elif _CONTROL.search(value):
+            problems[name] = gettext("Control characters cannot be searched for.")
         text[name] = value
     date_from = _parse_date(args.get("from", ""), "from", problems)
     date_to = _parse_date(args.get("to", ""), "to", problems)
@@ -212,6 +216,8 @@ def parse_search(args: Mapping[str, str]) -> StudySearch:
     page = _parse_int(args.get("page", ""), 1, "page", problems)
     if page is not None and page < 1:
         problems["page"] = gettext("The page number must be 1 or more.")
+    elif page is not None and page > MAX_PAGE:
+        problems["page"] = gettext("The page number must be at most %(max)d.", max=MAX_PAGE)
     size = _parse_int(args.get("size", ""), DEFAULT_PAGE_SIZE, "size", problems)
     if size is not None and size not in PAGE_SIZES:
         problems["size"] = gettext("The page size must be one of %(sizes)s.",
@@ -239,11 +245,10 @@ def _parse_int(value: str, default: int, name: str, problems: dict[str, str]) ->
     value = value.strip()
     if not value:
         return default
-    try:
+    if re.fullmatch(r"-?[0-9]{1,30}", value):
         return int(value)
-    except ValueError:
-        problems[name] = gettext("%(value)s is not a whole number.", value=repr(value))
-        return None
+    problems[name] = gettext("%(value)s is not a whole number.", value=repr(value[:40]))
+    return None
 
 
 # -- rows -----------------------------------------------------------------------------------------

@@ -303,6 +303,9 @@ def test_the_page_size_menu_keeps_the_search(client: FlaskClient) -> None:
     ("size=7", "The page size must be one of 10, 25, 50, 100."),
     ("modality=C+T%21", "Not a modality code"),
     ("name=" + "a" * 65, "At most 64 characters."),
+    ("name=nguy%00en", "Control characters cannot be searched for."),
+    ("page=99999999999999999999", "The page number must be at most 1000000."),
+    ("page=1_0", "&#39;1_0&#39; is not a whole number."),
 ])
 def test_bad_parameters_are_a_400_page_with_a_message(client: FlaskClient, caplog: pytest.LogCaptureFixture,
                                                       query: str, message: str) -> None:
