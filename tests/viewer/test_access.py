@@ -130,6 +130,18 @@ def _check_stow(setting: Setting, url: str) -> None:
     failure = refused.json()["00081198"]["Value"][0]
     assert failure["00081197"]["Value"] == [0x0124]  # Refused: Not authorized
     assert _stow(setting.web, [path], study=setting.study, http=setting.owner).status_code == 200
+    with setting.web.archive.index.session() as db:
+        denied = db.execute(select(AuditEntry.actor).where(AuditEntry.action == AuditAction.ACCESS_DENIED,
+                                                           AuditEntry.object_id == setting.study)).scalars().all()
+    assert any(actor.startswith("bs.khac") for actor in denied)
+
+
+def test_observers_cannot_store(setting):
+    observer = setting.web.token_session(setting.web.add_user("hv.quan-sat", PASSWORD, role="observer",
+                                                              facility=OWNER_FACILITY))
+    refused = _stow(setting.web, [dicom_files(TS_DIR)[3]], http=observer)
+    assert refused.status_code == 403 and "observers" in refused.json()["error"]
+    assert observer.get(f"{setting.web.dicomweb}/studies/{setting.study}/metadata", timeout=30).status_code == 200
 
 
 def test_every_uid_route_is_covered():

@@ -171,7 +171,7 @@ def _require(kind: str, uid: str, lookup: Callable[[Any], Any]) -> str:
         raise StudyNotVisible(what)
     study_uid, facility = owner
     if not _may_see(study_uid, facility):
-        _record_denied(kind, uid, study_uid)
+        record_access_denied(kind, uid, study_uid)
         raise StudyNotVisible(what)
     return study_uid
 
@@ -192,14 +192,21 @@ def require_instance_access(sop_instance_uid: str) -> str:
 
 
 def study_exists_for_other(study_uid: str) -> bool:
-    """Whether the study exists and the current user may not see it (STOW must not add to it)."""
+    """Whether the study exists and the current user may not see it (STOW must not add to it); audited."""
     owner = _owner("study", study_uid, _study_query)
-    return owner is not None and not _may_see(owner[0], owner[1])
+    if owner is not None and not _may_see(owner[0], owner[1]):
+        record_access_denied("study", study_uid, owner[0])
+        return True
+    return False
 
 
 def instance_exists_for_other(sop_instance_uid: str) -> bool:
+    """Whether the instance exists in a study the current user may not see (STOW must not replace it); audited."""
     owner = _owner("instance", sop_instance_uid, _instance_query)
-    return owner is not None and not _may_see(owner[0], owner[1])
+    if owner is not None and not _may_see(owner[0], owner[1]):
+        record_access_denied("instance", sop_instance_uid, owner[0])
+        return True
+    return False
 
 
 def _actor() -> tuple[str, int | None]:
@@ -210,7 +217,8 @@ def _actor() -> tuple[str, int | None]:
     return identity.user.username + suffix, identity.user.id
 
 
-def _record_denied(kind: str, uid: str, study_uid: str) -> None:
+def record_access_denied(kind: str, uid: str, study_uid: str) -> None:
+    """Log and audit a refused access (the caller answers 404, or a STOW failure)."""
     actor, user_id = _actor()
     log.warning("access denied: %s asked for %s %s (study %s) via %s %s from %s", actor, kind, uid, study_uid,
                 request.method, request.path, request.remote_addr)
