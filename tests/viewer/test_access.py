@@ -234,3 +234,43 @@ def test_a_consult_participant_sees_the_attached_study(tmp_path, monkeypatch):
         access._consult_lookup.cache_clear()
         access.clear_caches()
         archive.close()
+
+
+def test_the_warm_check_costs_no_query(tmp_path, monkeypatch):
+    """Once a token and a study were seen, the guard answers from memory: no SQL per frame request."""
+    from sqlalchemy import event
+
+    from archive import people
+    from archive.index import Source
+    from archive.service import Archive
+    from viewer.auth import access
+    from viewer.auth.guard import guard
+
+    archive = Archive.open(make_settings(tmp_path))
+    seed_admin(archive)
+    path = dicom_files(TS_DIR)[0]
+    archive.ingest_file(path, Source("import", facility=OWNER_FACILITY))
+    with archive.index.write_session() as db, db.begin():
+        people.create_facility(db, code=OWNER_FACILITY, actor="test")
+        people.create_user(db, username="bs.chu", password=PASSWORD, role="requester", facility_code=OWNER_FACILITY)
+        _, token = people.create_token(db, "bs.chu")
+    study, series, instance = _uids(path)
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/1"
+    app = create_app({"TELEPACS_ARCHIVE": archive, "TELEPACS_SETTINGS": archive.settings, "SECRET_KEY": "k" * 40})
+    access.clear_caches()
+    statements: list[str] = []
+    event.listen(archive.index.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: statements.append(statement))
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        with app.test_request_context(url, headers=headers):
+            assert guard() is None
+        cold = len(statements)
+        assert cold >= 3  # the token and the three objects were looked up once
+        for _ in range(50):
+            with app.test_request_context(url, headers=headers):
+                assert guard() is None
+        assert len(statements) == cold
+    finally:
+        access.clear_caches()
+        archive.close()

@@ -27,7 +27,7 @@ from werkzeug.exceptions import NotFound
 from archive import audit
 from archive.audit import AuditAction
 from archive.keys import validate_uid
-from archive.models import Instance, Series, Study
+from archive.models import Instance, Series, Study, User
 from archive.people import Role
 from archive.scope import StudyScope
 from viewer.auth.identity import current_identity, current_user
@@ -154,8 +154,8 @@ def access_scope() -> StudyScope:
     return scope
 
 
-def _may_see(study_uid: str, facility: str | None) -> bool:
-    user = current_user()
+def _may_see(study_uid: str, facility: str | None, user: User | None = None) -> bool:
+    user = user or current_user()
     if user is None:
         return False
     if user.role == Role.ADMIN or (facility is not None and facility == user.facility.code):
@@ -163,14 +163,14 @@ def _may_see(study_uid: str, facility: str | None) -> bool:
     return access_scope().allows(study_uid, facility)
 
 
-def _require(kind: str, uid: str, lookup: Callable[[Any], Any]) -> str:
+def _require(kind: str, uid: str, lookup: Callable[[Any], Any], user: User | None = None) -> str:
     validate_uid(uid)  # InvalidUID (a 400) before any lookup
     owner = _owner(kind, uid, lookup)
     what = f"{kind} {uid}"
     if owner is None:
         raise StudyNotVisible(what)
     study_uid, facility = owner
-    if not _may_see(study_uid, facility):
+    if not _may_see(study_uid, facility, user):
         record_access_denied(kind, uid, study_uid)
         raise StudyNotVisible(what)
     return study_uid
@@ -251,17 +251,29 @@ SERIES_PARAMS = ("series", "series_uid")
 INSTANCE_PARAMS = ("instance", "sop", "sop_uid", "sop_instance_uid", "instance_uid")
 
 
+_ROUTE_CHECKS: tuple[tuple[tuple[str, ...], str, Callable[[Any], Any]], ...] = (
+    (INSTANCE_PARAMS, "instance", _instance_query),
+    (SERIES_PARAMS, "series", _series_query),
+    (STUDY_PARAMS, "study", _study_query),
+)
+
+
 def check_route_objects(view_args: dict[str, Any]) -> None:
-    """Apply the checks for the DICOM objects a route's parameters name (most specific first)."""
-    for name in INSTANCE_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_instance_access(view_args[name])
-    for name in SERIES_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_series_access(view_args[name])
-    for name in STUDY_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_study_access(view_args[name])
+    """Apply the checks for the DICOM objects a route's parameters name (most specific first).
+
+    An administrator sees everything: only the UIDs' syntax is checked (the view answers 404 for
+    what does not exist). The identity is resolved once for all the checks of the request.
+    """
+    user = current_user()
+    for names, kind, lookup in _ROUTE_CHECKS:
+        for name in names:
+            uid = view_args.get(name)
+            if not isinstance(uid, str):
+                continue
+            if user is not None and user.role == Role.ADMIN:
+                validate_uid(uid)
+            else:
+                _require(kind, uid, lookup, user)
 
 
 def clear_caches() -> None:
