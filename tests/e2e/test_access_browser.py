@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from helpers import TS_DIR, dicom_files
-from tests.viewer.conftest import WebServer, serve_web
+from tests.viewer.conftest import WebServer, browser_login, serve_web
 from tests.viewer.test_access import RULES, STOW_ENDPOINT, Setting, _url
 from tests.viewer.test_dicomweb import _stow, _uids
 
@@ -30,11 +30,7 @@ def access_web(tmp_path: Path) -> Iterator[WebServer]:
 def _log_in(browser, web: WebServer, username: str):  # type: ignore[no-untyped-def]
     context = browser.new_context(viewport={"width": 1100, "height": 700})
     page = context.new_page()
-    page.goto(web.url + "/login")
-    page.fill("#username", username)
-    page.fill("#password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/login" not in url)
+    browser_login(page, web, username, PASSWORD)
     return context, page
 
 

@@ -83,6 +83,15 @@ class WebServer:
         return session
 
 
+def browser_login(page, web: WebServer, username: str = ADMIN, password: str = ADMIN_PASSWORD) -> None:  # type: ignore[no-untyped-def]
+    """Log a Playwright page in through the login page (its context keeps the session cookie)."""
+    page.goto(web.url + "/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/login" not in url)
+
+
 def csrf_from(html: str) -> str:
     """The CSRF token a page carries (its meta tag)."""
     import re
