@@ -274,3 +274,39 @@ def test_the_warm_check_costs_no_query(tmp_path, monkeypatch):
     finally:
         access.clear_caches()
         archive.close()
+
+
+def _all_rules() -> list[tuple[str, str, str]]:
+    with tempfile.TemporaryDirectory() as data_dir:
+        app = create_app({"TELEPACS_SETTINGS": make_settings(Path(data_dir)), "SECRET_KEY": "x" * 32})
+    return [(rule.rule, method, rule.endpoint) for rule in app.url_map.iter_rules()
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+
+
+ALL_RULES = _all_rules()
+
+
+@pytest.mark.parametrize("rule,method,endpoint", ALL_RULES, ids=[f"{m} {r}" for r, m, _ in ALL_RULES])
+def test_deny_by_default(rule, method, endpoint, tmp_path, monkeypatch):
+    """Every route but the public few refuses an anonymous request (401 for APIs, the login page for pages)."""
+    from viewer.auth.guard import PUBLIC_ENDPOINTS
+
+    monkeypatch.setenv("TELEPACS_DATA_DIR", str(tmp_path))
+    client = create_app({"SECRET_KEY": "x" * 32}).test_client()
+    path = rule
+    for segment in rule.split("<")[1:]:
+        spec = segment.split(">")[0]
+        converter = spec.split(":")[0] if ":" in spec else ""
+        path = path.replace(f"<{spec}>", "1" if converter == "int" else "1.2.3")
+    answer = client.open(path, method=method)
+    if endpoint in PUBLIC_ENDPOINTS:
+        # Reachable without logging in: a page, a redirect, a missing static file, or the login form
+        # posted without its CSRF token (403).
+        refusal = {("static", "GET"): 404, ("auth.login", "POST"): 403}.get((endpoint, method))
+        assert answer.status_code < 400 or answer.status_code == refusal, (rule, answer.status_code)
+    elif rule.startswith(API_PREFIXES):
+        assert answer.status_code == 401, (method, rule, answer.status_code)
+    else:
+        assert answer.status_code in (302, 401), (method, rule, answer.status_code)
+        if answer.status_code == 302:
+            assert "/login?next=" in answer.headers["Location"]
