@@ -225,7 +225,12 @@ def test_a_consult_participant_sees_the_attached_study(tmp_path, monkeypatch):
         assert client.get(f"/dicomweb/studies/{study}/metadata", headers=hub).status_code == 404
         assert client.get("/dicomweb/studies", headers=hub).json == []
         attached.add(study)  # the hub specialist is added to a consult with this study
+        access._consult_scopes.clear()  # (a running server sees it within a few seconds)
         assert client.get(f"/dicomweb/studies/{study}/metadata", headers=hub).status_code == 200
+        asked = len(calls)
+        for _ in range(5):  # frame after frame: the participation is not asked for again
+            assert client.get(f"/dicomweb/studies/{study}/metadata", headers=hub).status_code == 200
+        assert len(calls) == asked
         assert [row["0020000D"]["Value"][0] for row in client.get("/dicomweb/studies", headers=hub).json] == [study]
         assert calls and set(calls) == {2}
         admin = {"Authorization": f"Bearer {token}"}

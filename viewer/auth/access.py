@@ -84,6 +84,8 @@ class _ExpiringLRU:
 
 _owners = _ExpiringLRU(_CACHE_SIZE, _CACHE_SECONDS)  # ("study", uid) -> (study uid, facility) ...
 _viewed = _ExpiringLRU(10_000, _VIEW_RECORD_SECONDS)
+_CONSULT_SCOPE_SECONDS = 5.0  # how soon a change of consult participants reaches every web process
+_consult_scopes = _ExpiringLRU(4096, _CONSULT_SCOPE_SECONDS)
 
 
 def forget_study(study_uid: str) -> None:
@@ -131,12 +133,21 @@ def _consult_lookup() -> Callable[[Any, int], Any] | None:
 
 
 def consult_study_uids(user_id: int) -> frozenset[str]:
-    """The studies attached to consults the user takes part in (empty until the consults module exists)."""
+    """The studies attached to consults the user takes part in (empty until the consults module exists).
+
+    Kept a few seconds per user: a hub specialist reads a district's study frame by frame, and each
+    frame request would otherwise ask the database again.
+    """
+    hit, value = _consult_scopes.get(user_id)
+    if hit:
+        return value  # type: ignore[no-any-return]
     function = _consult_lookup()
     if function is None:
         return frozenset()
     with get_archive().index.session() as db:
-        return frozenset(function(db, user_id))
+        uids = frozenset(function(db, user_id))
+    _consult_scopes.put(user_id, uids)
+    return uids
 
 
 def access_scope() -> StudyScope:
@@ -279,3 +290,4 @@ def check_route_objects(view_args: dict[str, Any]) -> None:
 def clear_caches() -> None:
     _owners.clear()
     _viewed.clear()
+    _consult_scopes.clear()
