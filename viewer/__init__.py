@@ -22,11 +22,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
+    from viewer.ui import bp as ui
+    from viewer.ui import local_timezone
 
+    app.config.setdefault("BABEL_DEFAULT_TIMEZONE", local_timezone())  # times on pages: the hospital's clock
     init_i18n(app)
     init_auth(app)  # first before_request hook: deny by default
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
+    app.register_blueprint(ui)
 
     @app.get("/openapi.json")
     def openapi() -> ResponseReturnValue:
