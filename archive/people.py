@@ -237,8 +237,8 @@ def authenticate(session: Session, username: str, password: str, *, remote: str 
     """
     now = now or utcnow()
     name = username.strip().lower()[:64]
-    user = session.scalar(select(User).options(joinedload(User.facility)).where(User.username == name)
-                          .with_for_update())
+    user = session.scalar(select(User).options(joinedload(User.facility, innerjoin=True))
+                          .where(User.username == name).with_for_update(of=User))
     detail = {"remote": remote} if remote else {}
     if user is None or len(password) > MAX_PASSWORD:
         _verify(_dummy_hash(), password[:MAX_PASSWORD])

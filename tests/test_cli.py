@@ -224,6 +224,9 @@ def test_audit_verify_finds_tampering(tmp_path):
                           "một mật khẩu dài\n").returncode == 0
     intact = run(["audit", "verify"], data)
     assert intact.returncode == 0 and "4 entries verified" in intact.stdout
+    with sqlite3.connect(data / "index.sqlite3") as db:
+        last_id, last_hash = db.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+    assert f"head: entry {last_id} {last_hash}" in intact.stdout  # to keep outside, against truncation
     with sqlite3.connect(data / "index.sqlite3") as db:  # someone edits the log behind telepacs' back
         db.execute("UPDATE audit_log SET detail = '{\"role\": \"admin\", \"facility\": \"BV-TINH\"}' WHERE id = 3")
     broken = run(["audit", "verify"], data)

@@ -33,7 +33,7 @@ from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import RETURN_KEYS, find
 from archive.service import Expected, IngestError, IngestFailure
 from storage import ObjectNotFound, StorageError
-from viewer.auth import access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed
+from viewer.auth import Role, access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed
 from viewer.auth.access import instance_exists_for_other, study_exists_for_other
 from viewer.cache import ByteLRU
 from viewer.deps import get_archive
@@ -493,6 +493,10 @@ def _store(study: str | None) -> ResponseReturnValue:
         return error(415, f"parts of type {media.params['type']!r} are not accepted; send application/dicom")
     archive = get_archive()
     user = current_user()
+    if user is None or user.role == Role.OBSERVER:
+        log.warning("STOW-RS from %s refused: observers cannot store", request.remote_addr)
+        _discard_body()
+        return error(403, "observers cannot store instances")
     # What a user stores belongs to their facility (administrators included: theirs is usually LOCAL).
     source = Source("stow", host=request.remote_addr, facility=user.facility.code if user is not None else None)
     expected = Expected(study_uid=study) if study else None
@@ -541,6 +545,16 @@ def _store(study: str | None) -> ResponseReturnValue:
     headers = {"Warning": f'299 telepacs "{warning}"'} if warning else {}
     log.info("STOW-RS from %s: %d stored, %d failed", request.remote_addr, len(stored), len(failed))
     return Response(json.dumps(body), status=status, mimetype=DICOM_JSON, headers=headers)
+
+
+_DISCARD_LIMIT = 64 << 20
+
+
+def _discard_body() -> None:
+    """Read (and drop) a refused upload, so the client gets the answer instead of a reset connection."""
+    remaining = _DISCARD_LIMIT
+    while remaining > 0 and (chunk := request.stream.read(min(_CHUNK, remaining))):
+        remaining -= len(chunk)
 
 
 _NOT_AUTHORIZED = 0x0124  # Refused: Not authorized (PS3.7 Annex C)

@@ -42,7 +42,8 @@ def js_catalog() -> dict[str, str]:
 
 def _safe_next(target: str | None) -> str:
     # Only same-site paths: never redirect to another host.
-    if target and target.startswith("/") and not target.startswith("//"):
+    # Browsers read "/\\host" as "//host": a backslash anywhere is refused too.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
         return target
     return url_for("healthz") if "ui.study_list" not in _endpoints() else url_for("ui.study_list")
 

@@ -83,6 +83,15 @@ class WebServer:
         return session
 
 
+def browser_login(page, web: WebServer, username: str = ADMIN, password: str = ADMIN_PASSWORD) -> None:  # type: ignore[no-untyped-def]
+    """Log a Playwright page in through the login page (its context keeps the session cookie)."""
+    page.goto(web.url + "/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/login" not in url)
+
+
 def csrf_from(html: str) -> str:
     """The CSRF token a page carries (its meta tag)."""
     import re
@@ -119,6 +128,16 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebServer]:
     """telepacs' web app under gunicorn (gthread workers, as `telepacs serve` runs it) on a free port."""
+    yield from serve_web(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
+    """The same, shared by the tests of one module (for many read-only checks against the same data)."""
+    yield from serve_web(tmp_path_factory.mktemp("web"))
+
+
+def serve_web(tmp_path: Path) -> Iterator[WebServer]:
     archive = Archive.open(make_settings(tmp_path))  # creates the schema, as `telepacs serve` does
     token = seed_admin(archive)
     port = free_port()

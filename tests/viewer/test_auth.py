@@ -73,6 +73,8 @@ def test_login_sets_a_safe_cookie_and_opens_the_api(web):
 def test_login_never_redirects_to_another_site(web, target):
     answer = _post_login(requests.Session(), web, ADMIN, ADMIN_PASSWORD, next=target)
     assert answer.status_code == 302 and answer.headers["Location"] == "/"
+    lang = requests.get(web.url + "/lang/vi", params={"next": target}, timeout=10, allow_redirects=False)
+    assert lang.status_code == 302 and "evil" not in lang.headers["Location"]
 
 
 def test_wrong_password_and_unknown_user_get_the_same_answer(web):

@@ -27,7 +27,7 @@ from werkzeug.exceptions import NotFound
 from archive import audit
 from archive.audit import AuditAction
 from archive.keys import validate_uid
-from archive.models import Instance, Series, Study
+from archive.models import Instance, Series, Study, User
 from archive.people import Role
 from archive.scope import StudyScope
 from viewer.auth.identity import current_identity, current_user
@@ -84,6 +84,8 @@ class _ExpiringLRU:
 
 _owners = _ExpiringLRU(_CACHE_SIZE, _CACHE_SECONDS)  # ("study", uid) -> (study uid, facility) ...
 _viewed = _ExpiringLRU(10_000, _VIEW_RECORD_SECONDS)
+_CONSULT_SCOPE_SECONDS = 5.0  # how soon a change of consult participants reaches every web process
+_consult_scopes = _ExpiringLRU(4096, _CONSULT_SCOPE_SECONDS)
 
 
 def forget_study(study_uid: str) -> None:
@@ -131,12 +133,21 @@ def _consult_lookup() -> Callable[[Any, int], Any] | None:
 
 
 def consult_study_uids(user_id: int) -> frozenset[str]:
-    """The studies attached to consults the user takes part in (empty until the consults module exists)."""
+    """The studies attached to consults the user takes part in (empty until the consults module exists).
+
+    Kept a few seconds per user: a hub specialist reads a district's study frame by frame, and each
+    frame request would otherwise ask the database again.
+    """
+    hit, value = _consult_scopes.get(user_id)
+    if hit:
+        return value  # type: ignore[no-any-return]
     function = _consult_lookup()
     if function is None:
         return frozenset()
     with get_archive().index.session() as db:
-        return frozenset(function(db, user_id))
+        uids = frozenset(function(db, user_id))
+    _consult_scopes.put(user_id, uids)
+    return uids
 
 
 def access_scope() -> StudyScope:
@@ -154,8 +165,8 @@ def access_scope() -> StudyScope:
     return scope
 
 
-def _may_see(study_uid: str, facility: str | None) -> bool:
-    user = current_user()
+def _may_see(study_uid: str, facility: str | None, user: User | None = None) -> bool:
+    user = user or current_user()
     if user is None:
         return False
     if user.role == Role.ADMIN or (facility is not None and facility == user.facility.code):
@@ -163,15 +174,15 @@ def _may_see(study_uid: str, facility: str | None) -> bool:
     return access_scope().allows(study_uid, facility)
 
 
-def _require(kind: str, uid: str, lookup: Callable[[Any], Any]) -> str:
+def _require(kind: str, uid: str, lookup: Callable[[Any], Any], user: User | None = None) -> str:
     validate_uid(uid)  # InvalidUID (a 400) before any lookup
     owner = _owner(kind, uid, lookup)
     what = f"{kind} {uid}"
     if owner is None:
         raise StudyNotVisible(what)
     study_uid, facility = owner
-    if not _may_see(study_uid, facility):
-        _record_denied(kind, uid, study_uid)
+    if not _may_see(study_uid, facility, user):
+        record_access_denied(kind, uid, study_uid)
         raise StudyNotVisible(what)
     return study_uid
 
@@ -192,14 +203,21 @@ def require_instance_access(sop_instance_uid: str) -> str:
 
 
 def study_exists_for_other(study_uid: str) -> bool:
-    """Whether the study exists and the current user may not see it (STOW must not add to it)."""
+    """Whether the study exists and the current user may not see it (STOW must not add to it); audited."""
     owner = _owner("study", study_uid, _study_query)
-    return owner is not None and not _may_see(owner[0], owner[1])
+    if owner is not None and not _may_see(owner[0], owner[1]):
+        record_access_denied("study", study_uid, owner[0])
+        return True
+    return False
 
 
 def instance_exists_for_other(sop_instance_uid: str) -> bool:
+    """Whether the instance exists in a study the current user may not see (STOW must not replace it); audited."""
     owner = _owner("instance", sop_instance_uid, _instance_query)
-    return owner is not None and not _may_see(owner[0], owner[1])
+    if owner is not None and not _may_see(owner[0], owner[1]):
+        record_access_denied("instance", sop_instance_uid, owner[0])
+        return True
+    return False
 
 
 def _actor() -> tuple[str, int | None]:
@@ -210,7 +228,8 @@ def _actor() -> tuple[str, int | None]:
     return identity.user.username + suffix, identity.user.id
 
 
-def _record_denied(kind: str, uid: str, study_uid: str) -> None:
+def record_access_denied(kind: str, uid: str, study_uid: str) -> None:
+    """Log and audit a refused access (the caller answers 404, or a STOW failure)."""
     actor, user_id = _actor()
     log.warning("access denied: %s asked for %s %s (study %s) via %s %s from %s", actor, kind, uid, study_uid,
                 request.method, request.path, request.remote_addr)
@@ -243,19 +262,32 @@ SERIES_PARAMS = ("series", "series_uid")
 INSTANCE_PARAMS = ("instance", "sop", "sop_uid", "sop_instance_uid", "instance_uid")
 
 
+_ROUTE_CHECKS: tuple[tuple[tuple[str, ...], str, Callable[[Any], Any]], ...] = (
+    (INSTANCE_PARAMS, "instance", _instance_query),
+    (SERIES_PARAMS, "series", _series_query),
+    (STUDY_PARAMS, "study", _study_query),
+)
+
+
 def check_route_objects(view_args: dict[str, Any]) -> None:
-    """Apply the checks for the DICOM objects a route's parameters name (most specific first)."""
-    for name in INSTANCE_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_instance_access(view_args[name])
-    for name in SERIES_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_series_access(view_args[name])
-    for name in STUDY_PARAMS:
-        if isinstance(view_args.get(name), str):
-            require_study_access(view_args[name])
+    """Apply the checks for the DICOM objects a route's parameters name (most specific first).
+
+    An administrator sees everything: only the UIDs' syntax is checked (the view answers 404 for
+    what does not exist). The identity is resolved once for all the checks of the request.
+    """
+    user = current_user()
+    for names, kind, lookup in _ROUTE_CHECKS:
+        for name in names:
+            uid = view_args.get(name)
+            if not isinstance(uid, str):
+                continue
+            if user is not None and user.role == Role.ADMIN:
+                validate_uid(uid)
+            else:
+                _require(kind, uid, lookup, user)
 
 
 def clear_caches() -> None:
     _owners.clear()
     _viewed.clear()
+    _consult_scopes.clear()
