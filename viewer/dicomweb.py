@@ -13,6 +13,7 @@ References: PS3.18 §10.4 (Retrieve), §10.5 (Store), §10.6 (Search), Annex F (
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,13 +28,15 @@ from flask.typing import ResponseReturnValue
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
 
+from archive.deidentify import deidentify_dataset, deidentify_json
 from archive.index import IndexUnavailable, InstanceLocation, Source
 from archive.keys import InvalidUID, validate_uid
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import RETURN_KEYS, find
 from archive.service import Expected, IngestError, IngestFailure
 from storage import ObjectNotFound, StorageError
-from viewer.auth import Role, access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed
+from viewer.auth import (Role, access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed,
+                         served_pseudonyms)
 from viewer.auth.access import instance_exists_for_other, study_exists_for_other
 from viewer.cache import ByteLRU
 from viewer.deps import get_archive
@@ -265,6 +268,9 @@ def _search(level: Level, study_uid: str | None = None, series_uid: str | None =
     page = islice(rows, search.offset, search.offset + (search.limit or MAX_LIMIT))
     first = next(page, None)  # run the query before answering, so a failure gets its status
     result = _result_builder(level, wanted, _base_url())
+    pseudonyms = served_pseudonyms()
+    if pseudonyms:
+        result = _deidentifying(result, pseudonyms)
 
     def objects() -> Iterator[dict[str, Any]]:
         for row in ([first] if first is not None else []):
@@ -305,6 +311,25 @@ def _result_builder(level: Level, wanted: list[str], base: str) -> Callable[[dic
         return obj
 
     return result
+
+
+def _deidentifying(result: Callable[[dict[str, Any]], dict[str, Any]],
+                   pseudonyms: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``result``, de-identified (PS3.15 Basic Profile) for the rows of studies served under a pseudonym."""
+
+    def deidentified(row: dict[str, Any]) -> dict[str, Any]:
+        obj = result(row)
+        pseudonym = pseudonyms.get(str(row.get("StudyInstanceUID") or ""))
+        return obj if pseudonym is None else deidentify_json(obj, pseudonym)
+
+    return deidentified
+
+
+def _deidentified_part10(data: bytes, pseudonym: str) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    out = io.BytesIO()
+    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def _uid(value: str) -> str:
@@ -400,9 +425,14 @@ def _retrieve(study: str, series: str | None = None, instance: str | None = None
         for loc in locations:
             yield (f"application/dicom; transfer-syntax={loc.transfer_syntax_uid}", _object_chunks(loc))
 
+    pseudonym = served_pseudonyms().get(study)
+
     def _object_chunks(loc: InstanceLocation) -> Iterator[bytes]:
         try:
             with archive.store.open(loc.object_key) as f:
+                if pseudonym is not None:  # an observer's copy: headers de-identified, pixels as stored
+                    yield _deidentified_part10(f.read(), pseudonym)
+                    return
                 while chunk := f.read(_CHUNK):
                     yield chunk
         except (ObjectNotFound, StorageError) as exc:
@@ -437,6 +467,7 @@ def _metadata(study: str, series: str | None = None, instance: str | None = None
         return _not_found(study, series, instance)
     note_study_viewed(study, "wado-rs metadata")
     archive = get_archive()
+    pseudonym = served_pseudonyms().get(study)
 
     def objects() -> Iterator[dict[str, Any]]:
         for loc in locations:
@@ -451,7 +482,7 @@ def _metadata(study: str, series: str | None = None, instance: str | None = None
                     else "OB"
                 url = _url(loc.study_uid, loc.series_uid, loc.sop_instance_uid) + "/bulkdata/7FE00010"
                 attributes["7FE00010"] = {"vr": vr, "BulkDataURI": url}
-            yield attributes
+            yield attributes if pseudonym is None else deidentify_json(attributes, pseudonym)
 
     return Response(stream_with_context(_json_stream(objects())), mimetype=DICOM_JSON)
 

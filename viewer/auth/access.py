@@ -150,6 +150,30 @@ def consult_study_uids(user_id: int) -> frozenset[str]:
     return uids
 
 
+def served_pseudonyms() -> dict[str, str]:
+    """Study UID → pseudonym, for the studies the current user must be served de-identified (issue 6, 1-N).
+
+    Only studies a user sees through a consult (``StudyScope.study_uids``) can be de-identified for
+    them: an observer of another facility on a consult that asks for it (``observer_pseudonym`` of the
+    consults service decides). Computed once per request, and only by the routes that serve headers
+    (QIDO, metadata, retrieve, the viewer's study header, the study list): pixels are served as stored.
+    """
+    if "telepacs_pseudonyms" in g:
+        return g.telepacs_pseudonyms  # type: ignore[no-any-return]
+    pseudonyms: dict[str, str] = {}
+    user = current_user()
+    scope = access_scope()
+    if user is not None and not scope.everything and scope.study_uids:
+        service = importlib.import_module(_CONSULTS_MODULE)
+        with get_archive().index.session() as db:
+            for study_uid in sorted(scope.study_uids):
+                pseudonym = service.observer_pseudonym(db, user.id, study_uid)
+                if pseudonym is not None:
+                    pseudonyms[study_uid] = pseudonym
+    g.telepacs_pseudonyms = pseudonyms
+    return pseudonyms
+
+
 def access_scope() -> StudyScope:
     """What studies the current user may see (nothing for an anonymous request). Computed once per request."""
     if "telepacs_scope" in g:

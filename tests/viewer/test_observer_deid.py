@@ -1,0 +1,67 @@
+"""Observers of another facility are served a consult's study de-identified (issue 6, 1-N sessions).
+
+Over the real server (gunicorn): QIDO rows, WADO metadata and retrieved Part 10 instances carry the
+consult's pseudonym instead of the patient (PS3.15 Basic Profile), the pixels stay as stored, and the
+requesting doctor still sees the patient.
+"""
+
+from __future__ import annotations
+
+
+import pydicom
+from sqlalchemy import select
+
+from archive.index import Source
+from archive.models import User
+from consult_data import request_for
+from helpers import dicom_files
+from viewer.consults import service as svc
+
+PATIENT_ID = "00100020"
+PATIENT_NAME = "00100010"
+INSTITUTION = "00080080"
+
+
+def _user(session, username: str) -> User:
+    return session.execute(select(User).where(User.username == username)).scalar_one()
+
+
+def test_observer_gets_deidentified_headers_and_original_pixels(web, ct_part10_dir):
+    path = dicom_files(ct_part10_dir)[0]
+    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
+    original = pydicom.dcmread(path)
+    study = str(original.StudyInstanceUID)
+    web.add_facility("HUB", tier="central")
+    doctor_token = web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
+    observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
+    with web.archive.index.write_session() as session, session.begin():
+        consult = svc.create_consult(session, _user(session, "bs.lan"),
+                                     request_for(study_uids=[study], deidentify_for_observers=True))
+        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
+        pseudonym = f"CONSULT-{consult.id}"
+
+    observer, doctor = web.token_session(observer_token), web.token_session(doctor_token)
+    base = f"{web.dicomweb}/studies"
+
+    found = observer.get(base, params={"includefield": "all"}, timeout=30)
+    assert found.status_code == 200, found.text
+    [row] = found.json()
+    assert row[PATIENT_ID]["Value"] == [pseudonym]
+    assert str(original.PatientName) not in found.text
+    doctor_rows = doctor.get(base, params={"includefield": "all"}, timeout=30).json()
+    assert doctor_rows[0][PATIENT_ID]["Value"] == [str(original.PatientID)]
+
+    metadata = observer.get(f"{base}/{study}/metadata", timeout=30)
+    assert metadata.status_code == 200
+    [attributes] = metadata.json()
+    assert attributes[PATIENT_ID]["Value"] == [pseudonym] and INSTITUTION not in attributes
+    assert attributes["00120062"]["Value"] == ["YES"]  # PatientIdentityRemoved
+
+    client = web.client(observer_token)
+    [served] = client.retrieve_study(study)
+    assert served.PatientID == pseudonym and served.PatientIdentityRemoved == "YES"
+    assert served.SOPInstanceUID == original.SOPInstanceUID and served.PixelData == original.PixelData
+    assert "InstitutionName" not in served
+
+    [as_stored] = web.client(doctor_token).retrieve_study(study)
+    assert as_stored.PatientID == original.PatientID and as_stored.PatientName == original.PatientName
