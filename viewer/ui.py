@@ -28,7 +28,7 @@ from flask_babel import format_date, format_time, format_timedelta, gettext
 from archive.index import IndexUnavailable
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import PageRow, SortKey, find_page
-from viewer.auth import access_scope
+from viewer.auth import access_scope, served_pseudonyms
 from viewer.deps import get_archive
 
 log = logging.getLogger(__name__)
@@ -407,9 +407,16 @@ def study_list() -> ResponseReturnValue:
             "The archive's index is not answering. Try again in a moment.")), 503)
     now = dt.datetime.now(dt.timezone.utc)
     rows = [study_row(row, now) for row in found.rows]
+    pseudonyms = served_pseudonyms()
+    rows = [_pseudonymised(row, pseudonyms[row.study_uid]) if row.study_uid in pseudonyms else row for row in rows]
     log.info("study list: %d of %d studies (page %d) for %s", len(rows), found.total, search.page,
              request.remote_addr)
     return _render(ListPage(search, form, rows, found.total))
+
+
+def _pseudonymised(row: StudyRow, pseudonym: str) -> StudyRow:
+    """A consult's study as its de-identifying observers see it: no name, ID, birth date or accession."""
+    return replace(row, patient_name=pseudonym, patient_id=pseudonym, birth_date="", age="", accession="")
 
 
 def local_timezone() -> str:

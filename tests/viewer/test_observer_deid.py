@@ -65,3 +65,24 @@ def test_observer_gets_deidentified_headers_and_original_pixels(web, ct_part10_d
 
     [as_stored] = web.client(doctor_token).retrieve_study(study)
     assert as_stored.PatientID == original.PatientID and as_stored.PatientName == original.PatientName
+
+
+def test_observer_study_list_shows_the_pseudonym(web, ct_part10_dir):
+    path = dicom_files(ct_part10_dir)[0]
+    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
+    original = pydicom.dcmread(path)
+    web.add_facility("HUB", tier="central")
+    web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
+    web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
+    with web.archive.index.write_session() as session, session.begin():
+        consult = svc.create_consult(session, _user(session, "bs.lan"),
+                                     request_for(study_uids=[str(original.StudyInstanceUID)]))
+        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
+        pseudonym = f"CONSULT-{consult.id}"
+
+    page = web.login("hv.an", "Observer-pass-123").get(web.url + "/", timeout=30)
+    assert page.status_code == 200 and pseudonym in page.text
+    assert str(original.PatientID) not in page.text
+    assert str(original.PatientName).split("^")[0] not in page.text
+    doctor_page = web.login("bs.lan", "Doctor-pass-123").get(web.url + "/", timeout=30)
+    assert str(original.PatientID) in doctor_page.text and pseudonym not in doctor_page.text
