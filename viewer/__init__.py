@@ -21,10 +21,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
+    from viewer.reader import bp as reader
 
     init_i18n(app)
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
+    app.register_blueprint(reader)
 
     @app.get("/openapi.json")
     def openapi() -> ResponseReturnValue:
