@@ -127,11 +127,16 @@ def _study_json(header: StudyHeader) -> dict[str, Any]:
     }
 
 
+def _mm(value: float | None) -> float | None:
+    """Millimetres to 0.1 µm: enough for any geometry, and 209.3 instead of 209.29999999999998 on the wire."""
+    return None if value is None else round(value, 4)
+
+
 def _instance_json(inst: DisplayInstance) -> dict[str, Any]:
     return {
         "sop": inst.sop_instance_uid, "sop_class": inst.sop_class_uid, "number": inst.instance_number,
-        "frames": inst.frames, "rows": inst.rows, "cols": inst.columns, "position": inst.slice_position,
-        "ipp": inst.image_position, "iop": inst.image_orientation, "spacing": inst.pixel_spacing,
+        "frames": inst.frames, "rows": inst.rows, "cols": inst.columns, "position": _mm(inst.slice_position),
+        "ipp": [_mm(v) for v in inst.image_position] if inst.image_position else None, "iop": inst.image_orientation, "spacing": inst.pixel_spacing,
         "spacing_source": inst.spacing_source, "thickness": inst.slice_thickness, "slope": inst.rescale_slope,
         "intercept": inst.rescale_intercept, "rescale_type": inst.rescale_type,
         "windows": [asdict(w) for w in inst.windows], "photometric": inst.photometric,
@@ -298,5 +303,9 @@ def viewer_page(study: str) -> ResponseReturnValue:
     first = listing.instances[number]
     data = {"study": _study_json(header), "series": series_json(listing), "start": start}
     preload = preview_url(listing, first, frame, _first_window(first, request.args))
-    return render_template("viewer.html", data=data, preload=preload, study=header,
+    # The plain <img> preview matches the canvas only for the default view of square pixels.
+    view_args = ("zoom", "panx", "pany", "invert", "rotate", "flip")
+    square = first.pixel_spacing is None or abs(first.pixel_spacing[0] - first.pixel_spacing[1]) < 1e-6
+    show_first = square and not any(request.args.get(k) for k in view_args)
+    return render_template("viewer.html", data=data, preload=preload, study=header, show_first=show_first,
                            consult=request.args.get("consult"))

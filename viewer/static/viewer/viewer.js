@@ -111,14 +111,30 @@ seriesCache.set(DATA.series.uid, Promise.resolve(new Series(DATA.series)));
 
 // --------------------------------------------------------------------------------------- link speed
 
+// Link speed from the Resource Timing of full-quality slices: body bytes over the time bodies were
+// arriving (the union of responseStart..responseEnd), so server time and latency do not count.
 const link = {
-  bytes: 0, busyMs: 0, started: null, samples: 0, auto: null,
-  // Throughput of slice downloads (bytes over time with at least one request in flight).
-  record(bytes, ms) {
-    this.bytes += bytes; this.busyMs += ms; this.samples += 1;
+  bytes: 0, intervals: [], samples: 0, auto: null,
+  record(url) {
+    const entries = performance.getEntriesByName(new URL(url, location.href).href);
+    const e = entries[entries.length - 1];
+    if (!e || !e.transferSize || !e.encodedBodySize) return; // from the HTTP cache: says nothing
+    this.bytes += e.encodedBodySize;
+    this.intervals.push([e.responseStart, e.responseEnd]);
+    this.samples += 1;
   },
-  bps() { return this.busyMs > 0 ? (this.bytes * 8) / (this.busyMs / 1000) : null; },
+  bps() {
+    const sorted = [...this.intervals].sort((a, b) => a[0] - b[0]);
+    let busy = 0; let end = -Infinity;
+    for (const [a, b] of sorted) {
+      if (b <= end) continue;
+      busy += b - Math.max(a, end);
+      end = b;
+    }
+    return (this.bytes * 8) / (Math.max(busy, 1) / 1000);
+  },
 };
+if (performance.setResourceTimingBufferSize) performance.setResourceTimingBufferSize(5000);
 
 // ------------------------------------------------------------------------------------------- viewport
 
@@ -175,6 +191,7 @@ class Viewport {
     this.inFlight.clear();
     this.index = start == null ? Math.floor(series.stack.length / 2) : Math.max(0, Math.min(start, series.stack.length - 1));
     this.slider.max = String(series.stack.length - 1);
+    this.slider.value = String(this.index);
     this.slider.hidden = series.stack.length < 2;
     this.shown = null;
     this.loadedMarked = false;
@@ -277,15 +294,13 @@ class Viewport {
     const url = this.urlFor(index, kind);
     const controller = new AbortController();
     this.inFlight.set(key, controller);
-    const started = performance.now();
     try {
       // Previews go without an Accept header (the server answers JPEG), like the page's preload.
       const init = kind === 'preview' ? {} : { headers: { Accept: kind === 'full' ? 'image/png' : 'image/jpeg' } };
       const response = await fetch(url, { ...init, signal: controller.signal });
       if (!response.ok) throw new Error(`HTTP ${response.status} for ${url}`);
       const blob = await response.blob();
-      const elapsed = performance.now() - started;
-      if (kind !== 'drag' && elapsed > 5) link.record(blob.size, elapsed / Math.max(1, this.inFlight.size));
+      if (kind === 'full' && link.auto == null) link.record(url);
       if (generation !== this.generation) return;
       const quality = kind === 'full' ? 'full' : 'lossy';
       const old = this.slices[index];
@@ -498,7 +513,9 @@ class Viewport {
         window: picked.slice.window, kind: picked.slice.kind };
       if (!firstImageMarked) {
         firstImageMarked = true;
-        document.body.dataset.firstImageMs = String(performance.now());
+        if (!document.body.dataset.firstImageMs) document.body.dataset.firstImageMs = String(performance.now());
+        const preview = $('first-preview');
+        if (preview) preview.remove();
       }
       if (this === this.viewer.active) {
         document.body.dataset.slice = picked.index === this.index ? String(this.index + 1) : '';
@@ -507,6 +524,18 @@ class Viewport {
     }
     this.drawLayer();
     this.drawOverlay();
+    if (this === this.viewer.active) this.listMeasurements();
+  }
+
+  // The measurements of the slice on screen as text too (readable by screen readers, copyable).
+  listMeasurements() {
+    const list = $('measurements');
+    const rows = this.annotations.filter((a) => this.onThisSlice(a) && a.type !== 'text' && a.type !== 'arrow')
+      .map((a) => `${{ length: _('Length'), angle: _('Angle'), ellipse: _('Ellipse ROI') }[a.type]}: ${this.measure(a).replace('\n', '; ')}`);
+    const text = rows.join('\n');
+    if (list.dataset.text === text) return;
+    list.dataset.text = text;
+    list.replaceChildren(...rows.map((r) => el('li', { 'data-measurement': '' }, r)));
   }
 
   report() {
@@ -546,7 +575,7 @@ class Viewport {
     const br = this.ov.br;
     br.textContent = '';
     const win = s && s.window;
-    br.append(`${_('W/L')}: ${win ? `${fmt(win.w, 0)} / ${fmt(win.c, 0)}` : _('auto')}\n`);
+    br.append(win ? `${_('W')} ${fmt(win.w, 0)}  ${_('L')} ${fmt(win.c, 0)}\n` : `${_('W/L')}: ${_('auto')}\n`);
     if (s && s.wkey !== this.wkey()) br.append(el('div', { class: 'rv-marker' }, _('Updating window…')));
     br.append(`${_('Zoom')}: ${Math.round(this.scale() * (window.devicePixelRatio || 1) * 100)}%` +
       (this.invert ? ` · ${_('Inverted')}` : '') + (this.rotate ? ` · ${this.rotate}°` : '') + '\n');
@@ -858,10 +887,10 @@ class Viewer {
   lowBandwidth() { return this.lowbwChoice != null ? this.lowbwChoice : Boolean(link.auto); }
 
   checkLink() {
-    if (this.lowbwChoice != null || link.auto != null || link.samples < 3) return;
+    if (this.lowbwChoice != null || link.auto != null || link.samples < 3 || link.bytes < 64e3) return;
     const bps = link.bps();
-    if (bps == null) return;
     link.auto = bps < SLOW_LINK_BPS;
+    document.body.dataset.linkMbps = (bps / 1e6).toFixed(2);
     if (link.auto) {
       this.status(`${_('Slow link detected')} (${fmt(bps / 1e6)} Mbit/s): ${_('low-bandwidth mode')}`);
       $('lowbw').checked = true;
