@@ -5,6 +5,30 @@
 
 const CATALOG = JSON.parse(document.getElementById('i18n').textContent);
 const _ = (s) => CATALOG[s] || s;
+// Strings used inside template literals (pybabel's extractor does not look inside those).
+const T = {
+  slowLink: _('Slow link detected'),
+  showing: _('Loading: showing slice'),
+  area: _('Area'),
+  id: _('ID'),
+  level: _('L'),
+  width: _('W'),
+  sd: _('SD'),
+  lowbwMode: _('low-bandwidth mode'),
+  seriesFailed: _('The series could not be loaded'),
+  play: _('Play'),
+  frames: _('frames'),
+  images: _('images'),
+  frame: _('frame'),
+  auto: _('auto'),
+  detector: _('(detector plane)'),
+  stop: _('Stop'),
+  thickness: _('Thickness'),
+  mean: _('Mean'),
+  wl: _('W/L'),
+  position: _('Position'),
+  inverted: _('Inverted'),
+};
 const DATA = JSON.parse(document.getElementById('viewer-data').textContent);
 const STUDY = DATA.study;
 const PARAMS = new URLSearchParams(location.search);
@@ -560,25 +584,25 @@ class Viewport {
     const inst = item.inst;
     const n = this.series.stack.length;
     const s = this.shown;
-    this.ov.tl.textContent = [personName(STUDY.patient.name), `${_('ID')}: ${STUDY.patient.id}`,
+    this.ov.tl.textContent = [personName(STUDY.patient.name), `${T.id}: ${STUDY.patient.id}`,
       [STUDY.patient.sex, dicomDate(STUDY.patient.birth_date)].filter(Boolean).join(' · ')].join('\n');
     this.ov.tr.textContent = [STUDY.description, dicomDate(STUDY.date),
       `${_('Series')} ${this.series.number ?? ''} · ${this.series.modality}`, this.series.description].filter(Boolean).join('\n');
-    const lines = [`${_('Slice')} ${this.index + 1} / ${n}` + (inst.frames > 1 ? ` (${_('frame')} ${item.frame})` : '')];
+    const lines = [`${_('Slice')} ${this.index + 1} / ${n}` + (inst.frames > 1 ? ` (${T.frame} ${item.frame})` : '')];
     const pos = this.series.positionAlong(this.index, null);
-    if (pos != null) lines.push(`${_('Position')} ${fmt(pos)} mm`);
-    if (inst.thickness) lines.push(`${_('Thickness')} ${fmt(inst.thickness)} mm`);
+    if (pos != null) lines.push(`${T.position} ${fmt(pos)} mm`);
+    if (inst.thickness) lines.push(`${T.thickness} ${fmt(inst.thickness)} mm`);
     this.ov.bl.textContent = lines.join('\n');
     if (s && s.index !== this.index) {
-      this.ov.bl.append(el('div', { class: 'rv-marker' }, `${_('Loading: showing slice')} ${s.index + 1}`));
+      this.ov.bl.append(el('div', { class: 'rv-marker' }, `${T.showing} ${s.index + 1}`));
     }
     const br = this.ov.br;
     br.textContent = '';
     const win = s && s.window;
-    br.append(win ? `${_('W')} ${fmt(win.w, 0)}  ${_('L')} ${fmt(win.c, 0)}\n` : `${_('W/L')}: ${_('auto')}\n`);
+    br.append(win ? `${T.width} ${fmt(win.w, 0)}  ${T.level} ${fmt(win.c, 0)}\n` : `${T.wl}: ${T.auto}\n`);
     if (s && s.wkey !== this.wkey()) br.append(el('div', { class: 'rv-marker' }, _('Updating window…')));
     br.append(`${_('Zoom')}: ${Math.round(this.scale() * (window.devicePixelRatio || 1) * 100)}%` +
-      (this.invert ? ` · ${_('Inverted')}` : '') + (this.rotate ? ` · ${this.rotate}°` : '') + '\n');
+      (this.invert ? ` · ${T.inverted}` : '') + (this.rotate ? ` · ${this.rotate}°` : '') + '\n');
     if (s) {
       const full = s.quality === 'full';
       br.append(el('span', { class: `rv-quality ${full ? 'full' : 'lossy'}`, 'data-quality': s.quality },
@@ -598,7 +622,7 @@ class Viewport {
   }
   measure(a) {
     const sp = this.spacing();
-    const note = sp && sp.detector ? ` ${_('(detector plane)')}` : '';
+    const note = sp && sp.detector ? ` ${T.detector}` : '';
     const p = a.points;
     if (a.type === 'length') {
       const dx = p[1][0] - p[0][0]; const dy = p[1][1] - p[0][1];
@@ -616,10 +640,10 @@ class Viewport {
       const rx = Math.abs(p[1][0] - p[0][0]) / 2; const ry = Math.abs(p[1][1] - p[0][1]) / 2;
       const area = sp ? `${fmt(Math.PI * rx * ry * sp.col * sp.row)} mm²${note}` : `${fmt(Math.PI * rx * ry)} px²`;
       const stats = this.roiStats(a);
-      if (!stats) return `${_('Area')} ${area}\n${_('Mean')} …`;
-      if (stats.error) return `${_('Area')} ${area}\n${stats.error}`;
+      if (!stats) return `${T.area} ${area}\n${T.mean} …`;
+      if (stats.error) return `${T.area} ${area}\n${stats.error}`;
       const unit = stats.unit ? ` ${stats.unit}` : '';
-      return `${_('Mean')} ${fmt(stats.mean)}${unit} ${_('SD')} ${fmt(stats.sd)}${unit}\n${_('Area')} ${area}`;
+      return `${T.mean} ${fmt(stats.mean)}${unit} ${T.sd} ${fmt(stats.sd)}${unit}\n${T.area} ${area}`;
     }
     return '';
   }
@@ -892,7 +916,7 @@ class Viewer {
     link.auto = bps < SLOW_LINK_BPS;
     document.body.dataset.linkMbps = (bps / 1e6).toFixed(2);
     if (link.auto) {
-      this.status(`${_('Slow link detected')} (${fmt(bps / 1e6)} Mbit/s): ${_('low-bandwidth mode')}`);
+      this.status(`${T.slowLink} (${fmt(bps / 1e6)} Mbit/s): ${T.lowbwMode}`);
       $('lowbw').checked = true;
       for (const vp of this.viewports) vp.pump();
     }
@@ -913,7 +937,7 @@ class Viewer {
     if (!list.children.length) {
       for (const s of STUDY.series) {
         const img = el('img', { src: s.thumbnail, alt: '', loading: 'lazy', width: '128', height: '128' });
-        const count = s.frames > s.instances ? `${s.instances} ${_('images')}, ${s.frames} ${_('frames')}` : `${s.instances} ${_('images')}`;
+        const count = s.frames > s.instances ? `${s.instances} ${T.images}, ${s.frames} ${T.frames}` : `${s.instances} ${T.images}`;
         const li = el('li', { 'data-series': s.uid, title: s.description || s.uid }, img,
           el('div', { class: 'meta' }, `${s.number ?? ''} ${s.modality} · ${count}`),
           el('div', { class: 'meta' }, s.description || ''));
@@ -940,7 +964,7 @@ class Viewer {
       this.status('');
       this.stateChanged();
     } catch (err) {
-      this.status(`${_('The series could not be loaded')}: ${err.message}`);
+      this.status(`${T.seriesFailed}: ${err.message}`);
     }
   }
 
@@ -1034,7 +1058,7 @@ class Viewer {
       };
       this.cine = { raf: requestAnimationFrame(step) };
     }
-    $('cine-play').textContent = this.cine ? `⏸ ${_('Stop')}` : `▶ ${_('Play')}`;
+    $('cine-play').textContent = this.cine ? `⏸ ${T.stop}` : `▶ ${T.play}`;
     $('cine-play').classList.toggle('active', Boolean(this.cine));
   }
 
@@ -1061,7 +1085,7 @@ class Viewer {
       view.append(el('button', { type: 'button', 'data-action': id, title: `${label} (${key})`, onclick: () => this.action(id) }, label));
     }
     $('cine-play').addEventListener('click', () => this.toggleCine());
-    $('cine-play').textContent = `▶ ${_('Play')}`;
+    $('cine-play').textContent = `▶ ${T.play}`;
     $('lowbw').checked = this.lowbwChoice === true;
     $('lowbw').addEventListener('change', (e) => {
       this.lowbwChoice = e.target.checked;
