@@ -1147,6 +1147,10 @@ class Viewer {
     document.addEventListener('keydown', (e) => {
       if (e.target.matches('input[type=number], input[type=text], textarea')) return;
       if (e.ctrlKey || e.metaKey || e.altKey) return;
+      if ($('help').open) {  // the dialog has the keys (Escape closes it); ? closes it too
+        if (e.key === '?') { this.toggleHelp(); e.preventDefault(); }
+        return;
+      }
       const vp = this.active;
       const n = vp.series ? vp.series.stack.length : 0;
       const toolKey = TOOLS.find((t) => t.key === e.key);
