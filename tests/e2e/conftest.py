@@ -79,6 +79,7 @@ def loaded_web(tmp_path_factory: pytest.TempPathFactory, ct_part10_dir: Path) ->
                                              slices=1),
         "cine": phantoms.multiframe_study(base / "cine"),
         "parallel": phantoms.parallel_study(base / "parallel"),
+        "large": phantoms.large_study(base / "large"),
     }
     for name, study in generated.items():
         for path in study.files:

@@ -177,3 +177,28 @@ def ct_series(out: Path, slices: int, rows: int = 64, cols: int = 64) -> Study:
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return Study(study, [series], files)
+
+
+def large_study(out: Path, rows: int = 2048, cols: int = 1664) -> Study:
+    """One DX-like projection image larger than a screen (ImagerPixelSpacing 0.15 mm), 16-bit."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    ds = _base(study, series, "1.2.840.10008.5.1.4.1.1.1.1", 1, "Chest PA")  # Digital X-Ray Image (presentation)
+    ds.Modality = "DX"
+    ds.InstanceNumber = 1
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    y, x = np.mgrid[:rows, :cols]
+    pixels = ((x * 7 + y * 3) % 4096).astype("<u2")  # fine diagonal ramps: detail that only full resolution shows
+    ds.PixelData = pixels.tobytes()
+    path = out / "dx.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return Study(study, [series], [path])

@@ -259,6 +259,22 @@ def test_multiframe_frames_form_the_stack(browsing):
     b.shot("multiframe-cine-stopped")
 
 
+def test_large_image_at_display_size_then_full_resolution_on_zoom(browsing):
+    b = browsing
+    open_viewer(b, b.web.studies["large"])
+    wait_full(b)
+    renders = [u for u in b.problems.requests if "/rendered?" in u]
+    full = [u for u in renders if "quality=100" in u]
+    # Fetched at the size of the canvas (rounded up to 256 px), not the 2048 x 1664 of the image.
+    assert full and all("viewport=" in u for u in full), full
+    b.shot("large-fit")
+    b.page.keyboard.press("o")  # 1:1: one image pixel per screen pixel
+    b.page.wait_for_function("""(() => { const s = telepacsViewer.viewer.active.slices[0];
+        return s && s.fullRes && s.bitmap && s.bitmap.width === 1664; })()""")
+    assert any("quality=100" in u and "viewport=" not in u for u in b.problems.requests)
+    b.shot("large-1to1")
+
+
 def test_low_bandwidth_mode_shows_lossy_previews_then_full_quality(browsing):
     b = browsing
     b.page.add_init_script(_RECORD_DISPLAYS)

@@ -255,11 +255,14 @@ class Viewport {
     const h = Math.max(256, Math.ceil(this.root.clientHeight * dpr / 256) * 256);
     return `${w},${h}`;
   }
+  // Zoomed in beyond what the display-sized rendering holds: fetch the image at its own resolution.
   wantFullResolution() {
     const item = this.item();
     if (!item) return false;
     const dpr = window.devicePixelRatio || 1;
-    return this.scale() * dpr > 0.9 * Math.min(1, 1024 / Math.max(item.inst.rows, item.inst.cols)) * 1.5;
+    const [vw, vh] = this.fetchViewport().split(',').map(Number);
+    const fetched = Math.min(1, vw / (item.inst.cols || 1), vh / (item.inst.rows || 1));
+    return this.scale() * dpr > fetched * 1.01;
   }
 
   quality(slice) { return slice ? slice.quality : null; }
@@ -329,13 +332,15 @@ class Viewport {
       const quality = kind === 'full' ? 'full' : 'lossy';
       const old = this.slices[index];
       const current = wkey === this.wkey();
+      const fullRes = kind === 'full' && !(this.large(this.item(index)) && url.includes('viewport='));
+      // Never trade a full-resolution image for a display-sized one of the same window.
       const better = !old || old.wkey !== wkey || (quality === 'full' && old.quality !== 'full')
-        || (quality === old.quality && kind !== 'drag');
+        || (quality === old.quality && kind !== 'drag' && !(old.fullRes && !fullRes));
       // A drag result is shown even if the window moved on meanwhile: it is the newest picture there is.
       const dragShown = kind === 'drag' && (!old || old.wkey !== this.wkey());
       if ((better && current) || dragShown) {
         if (old && old.bitmap) { old.bitmap.close(); this.bitmapPixels -= old.pixels || 0; }
-        this.slices[index] = { blob, wkey, quality, kind, window: win, bitmap: null, decoding: null };
+        this.slices[index] = { blob, wkey, quality, kind, window: win, bitmap: null, decoding: null, fullRes };
         if (Math.abs(index - this.index) < 24 || index === this.index) await this.decode(index);
         if (index === this.index) this.requestDraw();
       } else if (!old) {
@@ -424,6 +429,7 @@ class Viewport {
     this.draft = null;
     // Decode ahead in the scroll direction so that scrolling never waits for a decode.
     for (let k = 0; k <= 6; k++) { const i = next + k * this.dir; if (this.slices[i] && !this.slices[i].bitmap) this.decode(i).then(() => { if (i === this.index) this.requestDraw(); }); }
+    if (this.large(this.item()) && this.wantFullResolution()) this.refetchForZoom();
     this.requestDraw();
     this.pump();
     if (!fromSync) this.viewer.syncFrom(this);
@@ -886,8 +892,7 @@ function zoomAt(vp, factor, clientX, clientY) {
 
 Viewport.prototype.refetchForZoom = function refetchForZoom() {
   const s = this.slices[this.index];
-  if (s && !s.fullRes && this.large(this.item())) {
-    s.fullRes = true;
+  if (s && s.quality === 'full' && !s.fullRes && !this.inFlight.has(`${this.index}|full|${this.wkey()}`)) {
     this.fetchSlice(this.index, 'full');
   }
 };
