@@ -341,7 +341,7 @@ class Viewport {
       if ((better && current) || dragShown) {
         if (old && old.bitmap) { old.bitmap.close(); this.bitmapPixels -= old.pixels || 0; }
         this.slices[index] = { blob, wkey, quality, kind, window: win, bitmap: null, decoding: null, fullRes };
-        if (Math.abs(index - this.index) < 24 || index === this.index) await this.decode(index);
+        if (Math.abs(index - this.index) < 24 || this.bitmapPixels < BITMAP_BUDGET * 0.8) await this.decode(index);
         if (index === this.index) this.requestDraw();
       } else if (!old) {
         this.slices[index] = { blob, wkey, quality, kind, window: win, bitmap: null, decoding: null };
@@ -533,8 +533,9 @@ class Viewport {
       ctx.fillStyle = '#000';
       ctx.fillRect(0, 0, this.image.width, this.image.height);
       ctx.setTransform(this.matrix());
+      // Bilinear: 'high' cost ~80 ms a frame where the canvas is rastered on the CPU (30 slices/s needs < 33).
       ctx.imageSmoothingEnabled = true;
-      ctx.imageSmoothingQuality = 'high';
+      ctx.imageSmoothingQuality = 'low';
       ctx.filter = this.invert ? 'invert(1)' : 'none';
       const { cols, rows } = this.dims();
       ctx.drawImage(picked.slice.bitmap, 0, 0, cols, rows);
