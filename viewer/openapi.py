@@ -116,6 +116,14 @@ def openapi_document() -> dict[str, Any]:
                                                            "schema": {"type": "string", "pattern": "^[0-9A-Fa-f]{8}$"}}],
             MULTIPART, 400, 404),
     }
+    from viewer.reader import openapi_paths as reader_paths
+
+    paths.update(reader_paths())
+    paths["/lang/{code}"] = {"get": {"summary": "Choose the interface language (vi, en): a cookie, then back to `next`",
+                                     "parameters": [{"name": "code", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}},
+                                                    _query("next", {"type": "string"}, "a path on this site")],
+                                     "responses": {"302": {"description": "back to `next`"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "telepacs", "version": "0.1",

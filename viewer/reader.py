@@ -34,8 +34,8 @@ from viewer.render.transforms import ModalityTransform, apply_modality_lut
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("reader", __name__, static_folder="static/viewer", static_url_path="/viewer-static",
-               template_folder="templates")
+bp = Blueprint("reader", __name__)
+STATIC_PREFIX = "/static/viewer/"  # the page's scripts and styles (viewer/static/viewer), served by the app
 
 # What the viewer asks the renderer for (the page's script builds the same URLs: keep in step with viewer.js).
 PREVIEW_QUALITY = 50  # lossy JPEG, small: the first thing on screen on any link
@@ -71,13 +71,15 @@ def _index_down(exc: IndexUnavailable) -> ResponseReturnValue:
     return _error(503, "the catalogue is unavailable; try again shortly")
 
 
-@bp.after_request
+@bp.after_app_request
 def _compress(response: Response) -> Response:
-    """gzip text answers for browsers that accept it (Flask and gunicorn do not)."""
-    if (response.status_code != 200 or response.mimetype not in _GZIP_TYPES
-            or "gzip" not in request.headers.get("Accept-Encoding", "") or "Content-Encoding" in response.headers):
+    """gzip this blueprint's text answers and the page's static files (Flask and gunicorn do not)."""
+    static = request.path.startswith(STATIC_PREFIX)
+    if ((request.blueprint != "reader" and not static) or response.status_code != 200
+            or response.mimetype not in _GZIP_TYPES or "gzip" not in request.headers.get("Accept-Encoding", "")
+            or "Content-Encoding" in response.headers):
         return response
-    etag = response.get_etag()[0] if request.endpoint == "reader.static" else None
+    etag = response.get_etag()[0] if static else None
     response.direct_passthrough = False
     body = response.get_data()
     if len(body) < _GZIP_MIN:
@@ -309,3 +311,32 @@ def viewer_page(study: str) -> ResponseReturnValue:
     show_first = square and not any(request.args.get(k) for k in view_args)
     return render_template("viewer.html", data=data, preload=preload, study=header, show_first=show_first,
                            consult=request.args.get("consult"))
+
+
+def openapi_paths() -> dict[str, Any]:
+    """This blueprint's routes for ``/openapi.json``."""
+    from viewer.openapi import UID_SCHEMA, _get, _path_uids, _query
+
+    json_body = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    page = {"content": {"text/html": {"schema": {"type": "string"}}}}
+    number = {"type": "number"}
+    box = [_query(name, number, "ellipse bounding box corner (image pixel coordinates)") for name in
+           ("x0", "y0", "x1", "y1")]
+    for param in box:
+        param["required"] = True
+    page_params = [_query("series", UID_SCHEMA, "series to show first"),
+                   _query("instance", UID_SCHEMA, "instance to show first"),
+                   _query("frame", {"type": "integer", "minimum": 1}, "frame to show first (1-based)"),
+                   _query("wc", number, "window centre"), _query("ww", number, "window width")]
+    roi = _get("Mean, SD, min, max of the modality values inside an ellipse of one frame",
+               _path_uids("study", "series", "instance")
+               + [{"name": "frame", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}]
+               + box, json_body, 400, 404, 422, 503)
+    return {
+        "/viewer/{study}": _get("The reading page (HTML)", _path_uids("study") + page_params, page, 400, 404),
+        "/api/viewer/studies/{study}": _get("A study's header and series, for the viewer", _path_uids("study"),
+                                            json_body, 400, 404, 503),
+        "/api/viewer/series/{series}": _get("A series' instances in display order, for the viewer",
+                                            _path_uids("series"), json_body, 400, 404, 503),
+        "/api/viewer/roi/{study}/{series}/{instance}/{frame}": roi,
+    }

@@ -207,8 +207,8 @@ def test_page_errors_are_pages(web, ct):
 
 
 def test_scripts_are_served_compressed(web):
-    script = requests.get(f"{web.url}/viewer-static/viewer.js", headers={"Accept-Encoding": "gzip"}, timeout=10)
+    script = requests.get(f"{web.url}/static/viewer/viewer.js", headers={"Accept-Encoding": "gzip"}, timeout=10)
     assert script.status_code == 200 and script.headers["Content-Encoding"] == "gzip"
     assert "javascript" in script.headers["Content-Type"] and "telepacsViewer" in script.text
-    plain = requests.get(f"{web.url}/viewer-static/viewer.js", headers={"Accept-Encoding": "identity"}, timeout=10)
+    plain = requests.get(f"{web.url}/static/viewer/viewer.js", headers={"Accept-Encoding": "identity"}, timeout=10)
     assert "Content-Encoding" not in plain.headers and plain.text == script.text
