@@ -97,6 +97,7 @@ class AuditEntry(Base):
     __tablename__ = "audit_log"
     __table_args__ = (
         Index("ix_audit_object", "object_type", "object_id"),
+        UniqueConstraint("prev_hash", name="uq_audit_log_prev_hash"),  # one successor per entry: no fork
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

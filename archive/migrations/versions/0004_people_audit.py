@@ -76,7 +76,8 @@ def upgrade() -> None:
     sa.Column('entry_hash', sa.String(length=64), nullable=False),
     sa.ForeignKeyConstraint(['user_fk'], ['users.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('entry_hash')
+    sa.UniqueConstraint('entry_hash'),
+    sa.UniqueConstraint('prev_hash', name='uq_audit_log_prev_hash')
     )
     with op.batch_alter_table('audit_log', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_log_at'), ['at'], unique=False)
