@@ -165,6 +165,64 @@ def test_preset_matches_the_servers_rendering(browsing):
     assert server.std() > 5  # a real image, not two blank ones
 
 
+def test_window_level_drag_with_the_right_button(browsing):
+    b = browsing
+    b.page.add_init_script(_RECORD_DISPLAYS)
+    open_viewer(b, b.web.studies["ct"])
+    wait_full(b)
+    assert (state(b)["wc"], state(b)["ww"]) == (0, 200)  # the file's window
+    b.page.evaluate("window.__displays = []")
+    mouse = b.page.mouse
+    mouse.move(700, 450)
+    mouse.down(button="right")
+    mouse.move(800, 500, steps=10)  # right: wider by 100; down: centre up by 50
+    b.page.wait_for_function("window.__displays.some(d => d.quality === 'lossy' && d.ww > 200)")
+    b.shot("dragging")
+    started = time.perf_counter()
+    mouse.up(button="right")
+    b.page.wait_for_function("window.__displays.some(d => d.index === 5 && d.wc === 50 && d.ww === 300 "
+                             "&& d.quality === 'full')")
+    print(f"W/L drag released -> full-quality slice on screen: {(time.perf_counter() - started) * 1000:.0f} ms")
+    assert "W 300  L 50" in overlay(b, "br")
+    drags = [u for u in b.problems.requests if "quality=80" in u]
+    assert drags and len(drags) <= 10  # one at a time while dragging, not one per mouse event queued up
+    # The other slices follow in the new window.
+    b.page.keyboard.press("ArrowDown")
+    b.page.wait_for_function("window.__displays.some(d => d.index === 6 && d.wc === 50 && d.quality === 'full')")
+    b.shot("released")
+
+
+def test_touch_pinch_zooms_and_one_finger_scrolls(browser, loaded_web, screenshot_dir):
+    from tests.e2e.conftest import open_context
+
+    b = open_context(browser, loaded_web, screenshot_dir, has_touch=True)
+    try:
+        open_viewer(b, b.web.studies["ct"])
+        wait_full(b)
+        cdp = b.context.new_cdp_session(b.page)
+
+        def touch(kind: str, points: list[tuple[float, float]]) -> None:
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [
+                {"x": x, "y": y, "id": n} for n, (x, y) in enumerate(points)]})
+
+        before = state(b)["zoom"]
+        touch("touchStart", [(650, 450), (750, 450)])
+        for spread in range(10, 101, 10):
+            touch("touchMove", [(650 - spread, 450), (750 + spread, 450)])
+        touch("touchEnd", [])
+        after = state(b)["zoom"]
+        assert after == pytest.approx(before * 3.0, rel=0.05)  # fingers 100 px apart, then 300
+        b.shot("pinched")
+        touch("touchStart", [(700, 300)])
+        for y in range(310, 600, 10):
+            touch("touchMove", [(700, y)])
+        touch("touchEnd", [])
+        assert int(b.page.evaluate("document.body.dataset.slice")) > 6
+        b.problems.assert_none()
+    finally:
+        b.context.close()
+
+
 def test_length_in_millimetres_on_a_phantom(browsing):
     b = browsing
     open_viewer(b, b.web.studies["measure"])
@@ -355,13 +413,12 @@ def test_state_api_and_url(browsing):
     assert (s["rotate"], s["invert"], s["zoom"], s["wc"], s["ww"]) == (90, True, 1.5, 300, 1500)
     b.page.evaluate("telepacsViewer.setState({rotate: 180, flip: 'h', invert: false, wc: 40, ww: 80})")
     b.page.evaluate("telepacsViewer.scrollTo(2)")
-    b.page.wait_for_function("(() => { const s = telepacsViewer.getState(); return s.wc === 40 && s.index === 2 "
-                             "&& s.quality === 'full'; })()")
+    b.page.wait_for_function("window.__displays.some(d => d.index === 2 && d.wc === 40 && d.quality === 'full')")
     s = state(b)
     assert (s["rotate"], s["flip"], s["invert"]) == (180, "h", False)
     b.page.wait_for_function("location.search.includes('wc=40')")
     assert "rotate=180" in b.page.url and "flip=h" in b.page.url and f"instance={s['instance']}" in b.page.url
-    last = b.page.evaluate("window.__displays[window.__displays.length - 1]")
+    last = b.page.evaluate("window.__displays.filter(d => d.index === 2 && d.wc === 40).pop()")
     assert (last["index"], last["wc"], last["ww"], last["instance"]) == (2, 40, 80, s["instance"])
     assert last["study"] == b.web.studies["ct"] and last["at"].endswith("Z")
     b.shot("state")

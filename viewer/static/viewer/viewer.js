@@ -304,7 +304,7 @@ class Viewport {
   }
 
   pump() {
-    if (!this.series) return;
+    if (!this.series || this.dragging) return;  // while dragging W/L only the current slice is asked for
     while (this.inFlight.size < MAX_IN_FLIGHT) {
       const task = this.nextTask();
       if (!task) break;
@@ -440,6 +440,12 @@ class Viewport {
   setWindow(win, { dragging = false } = {}) {
     this.window = win ? { c: Math.round(win.c * 100) / 100, w: Math.max(1, Math.round(win.w * 100) / 100) } : null;
     this.loadedMarked = false;
+    this.dragging = dragging;
+    // Requests for a window no longer wanted only delay the ones that are: cancel them.
+    const wkey = this.wkey();
+    for (const [key, controller] of this.inFlight) {
+      if (!key.endsWith(`|${wkey}`) && !key.includes('|drag|')) controller.abort();
+    }
     if (dragging) this.fetchDrag();
     else { this.dragPending = false; this.pump(); }
     this.requestDraw();
