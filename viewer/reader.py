@@ -16,7 +16,6 @@ import gzip
 import json
 import logging
 import threading
-from dataclasses import asdict
 from typing import Any
 
 from flask import Blueprint, Response, render_template, request
@@ -141,7 +140,7 @@ def _instance_json(inst: DisplayInstance) -> dict[str, Any]:
         "ipp": [_mm(v) for v in inst.image_position] if inst.image_position else None, "iop": inst.image_orientation, "spacing": inst.pixel_spacing,
         "spacing_source": inst.spacing_source, "thickness": inst.slice_thickness, "slope": inst.rescale_slope,
         "intercept": inst.rescale_intercept, "rescale_type": inst.rescale_type,
-        "windows": [asdict(w) for w in inst.windows], "photometric": inst.photometric,
+        "windows": [{"center": w.center, "width": w.width, "explanation": w.explanation} for w in inst.windows], "photometric": inst.photometric,
         "frame_time": inst.frame_time_ms,
     }
 

@@ -219,6 +219,8 @@ class Viewport {
     this.slider.hidden = series.stack.length < 2;
     this.shown = null;
     this.loadedMarked = false;
+    const frameTime = series.instances[0] && series.instances[0].frame_time;
+    if (frameTime > 0) $('cine-fps').value = String(Math.max(1, Math.min(60, Math.round(1000 / frameTime))));
     this.viewer.renderSeriesList();
     this.pump();
     this.requestDraw();
