@@ -61,6 +61,8 @@ class AuditAction(StrEnum):
     OUTCOME_RECORDED = "outcome_recorded"
     CONSULT_EXPORTED = "consult_exported"
     REVIEW_RECORDED = "review_recorded"
+    FACILITY_CREATED = "facility_created"
+    FACILITY_UPDATED = "facility_updated"
 
 
 def _canonical_time(at: dt.datetime) -> str:

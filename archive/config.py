@@ -26,6 +26,11 @@ Example::
     [index]
     url = "postgresql://telepacs@db/telepacs"
 
+    [auth]
+    secret_key = "..."               # signs session cookies; default: generated once into DATA_DIR/secret-key
+    session_hours = 12               # a login lasts this long at most
+    local_tier = "provincial"        # tier of facility LOCAL, created with the first admin on a fresh install
+
     [storage]
     url = "s3://ACCESS:SECRET@minio:9000/telepacs?secure=false"
 
@@ -123,6 +128,9 @@ class Settings:
     forward_batch_size: int = 50
     forward_poll_interval: float = 1.0
     forward_lease: float = 300.0
+    secret_key: str = field(default="", repr=False)  # empty: generated once into DATA_DIR/secret-key
+    session_hours: float = 12.0
+    local_tier: str = "provincial"
 
     @property
     def spool_dir(self) -> Path:
@@ -325,6 +333,7 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
         "http": {"host": "http_host", "port": "http_port", "render_cache_mb": "render_cache_mb",
                  "public_url": "public_url"},
         "index": {"url": "db_url"},
+        "auth": {"secret_key": "secret_key", "session_hours": "session_hours", "local_tier": "local_tier"},
         "storage": {"url": "storage_url"},
         "ingest": {"duplicate_policy": "duplicate_policy"},
         "forward": {"rules": "forward_rules", "retry_initial": "forward_retry_initial",
@@ -368,6 +377,9 @@ _ENV_NAMES = {
     "FORWARD_BATCH_SIZE": "forward_batch_size",
     "FORWARD_POLL_INTERVAL": "forward_poll_interval",
     "FORWARD_LEASE": "forward_lease",
+    "SECRET_KEY": "secret_key",
+    "SESSION_HOURS": "session_hours",
+    "LOCAL_TIER": "local_tier",
 }
 
 
@@ -441,4 +453,23 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         forward_batch_size=batch_size,
         forward_poll_interval=_float("forward poll_interval", raw.get("forward_poll_interval", 1.0), minimum=0.01),
         forward_lease=_float("forward lease", raw.get("forward_lease", 300.0), minimum=1.0),
+        secret_key=_secret_key(str(raw.get("secret_key", ""))),
+        session_hours=_float("auth session_hours", raw.get("session_hours", 12.0), minimum=0.05),
+        local_tier=_tier(str(raw.get("local_tier", "provincial"))),
     )
+
+
+_TIERS = ("central", "provincial", "district", "commune")
+
+
+def _tier(value: str) -> str:
+    value = value.strip().lower()
+    if value not in _TIERS:
+        raise ConfigError(f"auth local_tier must be one of {', '.join(_TIERS)}, not {value!r}")
+    return value
+
+
+def _secret_key(value: str) -> str:
+    if value and len(value) < 32:
+        raise ConfigError("auth secret_key must have at least 32 characters (or leave it out to have one generated)")
+    return value

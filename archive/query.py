@@ -45,6 +45,7 @@ from archive.matching import (
     parse_level,
 )
 from archive.models import Instance, Patient, Series, Study
+from archive.scope import StudyScope
 
 BATCH = 200  # rows fetched from the database at a time
 
@@ -187,8 +188,26 @@ def _with_parents(stmt: Any, level: Level) -> Any:
     return stmt if option is None else stmt.options(option)
 
 
+def in_scope(stmt: Any, level: Level, scope: StudyScope | None) -> Any:
+    """``stmt`` (a SELECT of ``level`` rows) restricted to the rows of the studies in ``scope``.
+
+    A semi-join on the studies in scope, whatever the matching already joined
+    (an uncorrelated ``IN (SELECT ...)`` both engines plan as a hash or index lookup).
+    """
+    if scope is None or scope.everything:
+        return stmt
+    if level is Level.STUDY:
+        return stmt.where(scope.study_condition())
+    studies = select(Study.id).where(scope.study_condition())
+    if level is Level.SERIES:
+        return stmt.where(Series.study_fk.in_(studies))
+    if level is Level.IMAGE:
+        return stmt.where(Instance.series_fk.in_(select(Series.id).where(Series.study_fk.in_(studies))))
+    return stmt.where(Patient.id.in_(select(Study.patient_fk).where(scope.study_condition())))
+
+
 def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
-         fuzzy: bool = False) -> Iterator[Row]:
+         fuzzy: bool = False, scope: StudyScope | None = None) -> Iterator[Row]:
     """The rows of ``level`` matching every key, streamed, as {keyword: value} of the requested keys.
 
     Parameters
@@ -203,6 +222,8 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     fuzzy
         Case- and diacritic-insensitive matching of PatientName (see
         :func:`archive.matching.person_name_match`); a key's own ``fuzzy`` wins.
+    scope
+        Only rows of the studies in this scope (None: everything); filtered in SQL.
 
     Raises
     ------
@@ -223,7 +244,7 @@ def find(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *,
     """
     level = parse_level(level)
     matching, returned = _sort_keys(level, keys)
-    stmt = _with_parents(build_query(level, matching, fuzzy=fuzzy), level)
+    stmt = _with_parents(in_scope(build_query(level, matching, fuzzy=fuzzy), level, scope), level)
     return _stream(index, level, stmt.execution_options(yield_per=BATCH), returned)
 
 
@@ -248,5 +269,5 @@ def _rows(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> 
             yield _row_values(entity, level, returned, patient_studies)
 
 
-__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "UnsupportedKey",
-           "find"]
+__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "StudyScope",
+           "UnsupportedKey", "find", "in_scope"]

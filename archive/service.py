@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from blake3 import blake3
+from sqlalchemy.exc import SQLAlchemyError
 
 from archive.config import DuplicatePolicy, Settings
 from archive.dataset import InvalidDataset, ParsedInstance, read_instance, wrap_raw_dataset
@@ -136,6 +137,7 @@ class Archive:
         self.settings = settings
         self.store = store
         self.index = index
+        self._ae_facilities: dict[str, tuple[float, str | None]] = {}
         settings.incoming_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -160,6 +162,31 @@ class Archive:
     def close(self) -> None:
         self.store.close()
         self.index.engine.dispose()
+
+    AE_FACILITY_SECONDS = 30.0  # how soon `telepacs facility ae` reaches running receivers
+
+    def facility_for(self, ae_title: str | None) -> str | None:
+        """The facility whose instances an AE title sends: ``[dicom.facilities]`` first, else the
+        ``facility_ae_titles`` table (``telepacs facility add --ae``), looked up at most every 30 s."""
+        configured = self.settings.facility_for(ae_title)
+        if configured is not None or not ae_title or not ae_title.strip():
+            return configured
+        title = ae_title.strip()
+        cached = self._ae_facilities.get(title)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        from archive.people import facility_for_ae
+
+        try:
+            with self.index.session() as session:
+                code = facility_for_ae(session, title)
+        except SQLAlchemyError as exc:
+            log.error("cannot look up the facility of AE title %s: %s", title, exc)
+            return None
+        if len(self._ae_facilities) > 4096:
+            self._ae_facilities.clear()
+        self._ae_facilities[title] = (time.monotonic() + self.AE_FACILITY_SECONDS, code)
+        return code
 
     # -- ingest ------------------------------------------------------------
 

@@ -340,7 +340,7 @@ class StoreAssociation:
         self.request = request
         self.accepted = accepted  # context ID -> transfer syntax
         self.source = Source("dicom", ae_title=request.calling_ae, host=self.host,
-                             facility=archive.settings.facility_for(request.calling_ae))
+                             facility=archive.facility_for(request.calling_ae))
         self.buffer = bytearray(max_pdu + 6)
         self.view = memoryview(self.buffer)
         self.timeout = timeout

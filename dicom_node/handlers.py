@@ -91,7 +91,7 @@ def handle_echo(event: Event, archive: Archive) -> int:
 def handle_store(event: Event, archive: Archive) -> int:
     """C-STORE: the received dataset is already in a Part 10 file (chunked receive); ingest it."""
     ae_title, host = peer_of(event)
-    source = Source("dicom", ae_title=ae_title, host=host, facility=archive.settings.facility_for(ae_title))
+    source = Source("dicom", ae_title=ae_title, host=host, facility=archive.facility_for(ae_title))
     request = cast(C_STORE, event.request)
     expected = Expected(
         sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),

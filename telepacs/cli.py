@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,14 +16,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from archive import audit, people
 from archive.config import ConfigError, Settings, load_settings
 from archive.db import make_engine, upgrade_schema
 from archive.forward_queue import DestinationStatus, ForwardQueue, QueueUnavailable
-from archive.index import Source
+from archive.index import CatalogIndex, Source
 from archive import orthanc
 from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
 from storage import SpooledObjectStore, open_store
@@ -48,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     upgrade_schema(engine)
+    bootstrap_admin(engine, settings)
     if settings.forward_rules:
         # Before anything is received: a new rule forwards what arrives from now on.
         ForwardQueue(engine).ensure_cursors(settings.forward_rules)
@@ -346,6 +352,276 @@ def _with_bar(total: int, what: str, quiet: bool,
         return run(progress)
 
 
+# -- people: users, facilities, tokens, audit ------------------------------------------------
+
+INITIAL_PASSWORD_FILE = "initial-admin-password"
+
+
+def bootstrap_admin(engine: Engine, settings: Settings) -> str | None:
+    """On a fresh install (no user at all): facility LOCAL and an ``admin`` with a random password.
+
+    The password is printed once and written to ``DATA_DIR/initial-admin-password`` (mode 0600);
+    returns it, or None when users exist already.
+    """
+    index = CatalogIndex(engine)
+    with index.write_session() as session, session.begin():
+        if people.count_users(session):
+            return None
+        try:
+            people.get_facility(session, "LOCAL")
+        except people.NotFound:
+            people.create_facility(session, code="LOCAL", name="Local facility", tier=settings.local_tier,
+                                   actor="bootstrap")
+        password = secrets.token_urlsafe(15)
+        people.create_user(session, username="admin", password=password, role=people.Role.ADMIN,
+                           facility_code="LOCAL", display_name="Administrator", actor="bootstrap")
+    path = settings.data_dir / INITIAL_PASSWORD_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    print("telepacs: first start: created facility LOCAL and user 'admin' with password\n"
+          f"    {password}\n"
+          f"  (also in {path}, readable by this account only). Log in and change it at /account/password; "
+          "add users with `telepacs user add`.", flush=True)
+    return password
+
+
+def _read_new_password(args: argparse.Namespace) -> str | None:
+    """The new password from stdin (--password-stdin), twice at a terminal, or generated (--random-password)."""
+    if getattr(args, "random_password", False):
+        password = secrets.token_urlsafe(15)
+        print(f"password: {password}")
+        return password
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("New password: ")
+    if first != getpass.getpass("Again: "):
+        print("the two passwords differ", file=sys.stderr)
+        return None
+    return first
+
+
+def _people(args: argparse.Namespace, what: str, action: Callable[[Session], str]) -> int:
+    """Run ``action`` in one write transaction of the index; print its result or the refusal."""
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    try:
+        upgrade_schema(engine)
+        index = CatalogIndex(engine)
+        with index.write_session() as session, session.begin():
+            message = action(session)
+    except people.PeopleError as exc:
+        print(f"telepacs {what}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    if message:
+        print(message)
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    password = _read_new_password(args)
+    if password is None:
+        return 1
+
+    def add(session: Session) -> str:
+        user = people.create_user(session, username=args.username, password=password, role=args.role,
+                                  facility_code=args.facility, display_name=args.name or "", email=args.email or "",
+                                  specialty=args.specialty or "", certificate_number=args.certificate or "",
+                                  certificate_scope=args.certificate_scope or "", actor=_cli_actor())
+        return f"user {user.username} ({user.role}) added to facility {args.facility.upper()}"
+    return _people(args, "user add", add)
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    password = _read_new_password(args)
+    if password is None:
+        return 1
+
+    def passwd(session: Session) -> str:
+        user = people.set_password(session, args.username, password, actor=_cli_actor())
+        return f"password of {user.username} changed; their sessions are ended and any lockout lifted"
+    return _people(args, "user passwd", passwd)
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    def disable(session: Session) -> str:
+        user = people.set_disabled(session, args.username, not args.enable, actor=_cli_actor())
+        return f"user {user.username} {'enabled' if args.enable else 'disabled (sessions ended, tokens revoked)'}"
+    return _people(args, "user disable", disable)
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    def listing(session: Session) -> str:
+        rows = [["USERNAME", "ROLE", "FACILITY", "STATE", "NAME"]]
+        now = dt.datetime.now(dt.timezone.utc)
+        for user in people.list_users(session):
+            locked = user.locked_until
+            if locked is not None and locked.tzinfo is None:
+                locked = locked.replace(tzinfo=dt.timezone.utc)
+            state = "disabled" if user.disabled else ("locked" if locked is not None and locked > now else "active")
+            rows.append([user.username, user.role, user.facility.code, state, user.display_name])
+        return _table(rows)
+    return _people(args, "user list", listing)
+
+
+def cmd_facility_add(args: argparse.Namespace) -> int:
+    def add(session: Session) -> str:
+        facility = people.create_facility(session, code=args.code, name=args.name or "", tier=args.tier,
+                                          actor=_cli_actor())
+        for title in args.ae or []:
+            people.add_ae_title(session, facility_code=facility.code, ae_title=title, actor=_cli_actor())
+        titles = f" with AE title(s) {', '.join(args.ae)}" if args.ae else ""
+        return f"facility {facility.code} ({facility.tier}) added{titles}"
+    return _people(args, "facility add", add)
+
+
+def cmd_facility_ae(args: argparse.Namespace) -> int:
+    def add(session: Session) -> str:
+        for title in args.ae:
+            people.add_ae_title(session, facility_code=args.code, ae_title=title, actor=_cli_actor())
+        return f"AE title(s) {', '.join(args.ae)} now belong to facility {args.code.upper()}"
+    return _people(args, "facility ae", add)
+
+
+def cmd_facility_list(args: argparse.Namespace) -> int:
+    def listing(session: Session) -> str:
+        rows = [["CODE", "TIER", "AE TITLES", "NAME"]]
+        for facility in people.list_facilities(session):
+            rows.append([facility.code, facility.tier, ",".join(sorted(a.ae_title for a in facility.ae_titles)) or "-",
+                         facility.name])
+        return _table(rows)
+    return _people(args, "facility list", listing)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    def create(session: Session) -> str:
+        token, secret = people.create_token(session, args.username, args.name or "", actor=_cli_actor())
+        return (f"token {token.id} for {args.username.lower()}: {secret}\n"
+                "(shown once; send it as 'Authorization: Bearer <token>')")
+    return _people(args, "token create", create)
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    def revoke(session: Session) -> str:
+        token = people.revoke_token(session, args.id, actor=_cli_actor())
+        return f"token {token.id} revoked"
+    return _people(args, "token revoke", revoke)
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    def listing(session: Session) -> str:
+        rows = [["ID", "USER", "STATE", "CREATED", "LAST USED", "NAME"]]
+        for token, username in people.list_tokens(session, args.username):
+            rows.append([str(token.id), username, "revoked" if token.revoked_at else "active",
+                         _when(token.created_at), _when(token.last_used_at), token.name])
+        return _table(rows)
+    return _people(args, "token list", listing)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = make_engine(settings.db_url)
+    try:
+        upgrade_schema(engine)
+        with CatalogIndex(engine).session() as session:
+            result = audit.verify(session)
+    finally:
+        engine.dispose()
+    if result.ok:
+        print(f"audit chain intact: {result.entries} entries verified")
+        return 0
+    print(f"AUDIT CHAIN BROKEN at entry {result.first_bad_id}: {result.reason} "
+          f"({result.entries} entries before it verified)")
+    return 1
+
+
+def _cli_actor() -> str:
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = str(os.getuid())
+    return f"cli:{who}"
+
+
+def _when(value: dt.datetime | None) -> str:
+    if value is None:
+        return "-"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+def _add_people_commands(sub: Any) -> None:
+    p = sub.add_parser("user", help="people who log in: add, passwd, disable, list")
+    users = p.add_subparsers(dest="user_command", required=True)
+    q = users.add_parser("add", help="add a user to a facility (password from stdin or asked twice)")
+    q.add_argument("username")
+    q.add_argument("--facility", required=True, help="facility code, e.g. BV-HUYEN-A")
+    q.add_argument("--role", required=True, choices=[r.value for r in people.Role])
+    q.add_argument("--name", help="display name, e.g. 'BS. Nguyễn Văn A'")
+    q.add_argument("--email")
+    q.add_argument("--specialty", help="e.g. radiology (specialists)")
+    q.add_argument("--certificate", help="practising certificate number (specialists)")
+    q.add_argument("--certificate-scope", help="scope of practice on the certificate")
+    q.set_defaults(func=cmd_user_add)
+    r = users.add_parser("passwd", help="set a user's password (ends their sessions, lifts a lockout)")
+    r.add_argument("username")
+    r.set_defaults(func=cmd_user_passwd)
+    for cmd in (q, r):
+        how = cmd.add_mutually_exclusive_group()
+        how.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+        how.add_argument("--random-password", action="store_true", help="generate one and print it")
+    q = users.add_parser("disable", help="disable a user (ends sessions, revokes tokens); --enable to undo")
+    q.add_argument("username")
+    q.add_argument("--enable", action="store_true")
+    q.set_defaults(func=cmd_user_disable)
+    q = users.add_parser("list", help="every user with role, facility and state")
+    q.set_defaults(func=cmd_user_list)
+
+    p = sub.add_parser("facility", help="facilities and their DICOM AE titles: add, ae, list")
+    facilities = p.add_subparsers(dest="facility_command", required=True)
+    q = facilities.add_parser("add", help="add a facility")
+    q.add_argument("code", help="what studies of this facility carry, e.g. BV-HUYEN-A")
+    q.add_argument("--name")
+    q.add_argument("--tier", default=people.Tier.DISTRICT.value, choices=[t.value for t in people.Tier])
+    q.add_argument("--ae", action="append", metavar="AE_TITLE", help="an AE title of its modalities (repeatable)")
+    q.set_defaults(func=cmd_facility_add)
+    q = facilities.add_parser("ae", help="declare more AE titles of an existing facility")
+    q.add_argument("code")
+    q.add_argument("ae", nargs="+", metavar="AE_TITLE")
+    q.set_defaults(func=cmd_facility_ae)
+    q = facilities.add_parser("list", help="every facility with tier and AE titles")
+    q.set_defaults(func=cmd_facility_list)
+
+    p = sub.add_parser("token", help="API tokens for DICOMweb clients: create, revoke, list")
+    tokens = p.add_subparsers(dest="token_command", required=True)
+    q = tokens.add_parser("create", help="a new token acting as a user (printed once)")
+    q.add_argument("username")
+    q.add_argument("--name", help="what it is for, e.g. 'workstation 3'")
+    q.set_defaults(func=cmd_token_create)
+    q = tokens.add_parser("revoke", help="revoke a token by its id")
+    q.add_argument("id", type=int)
+    q.set_defaults(func=cmd_token_revoke)
+    q = tokens.add_parser("list", help="tokens (never their secret)")
+    q.add_argument("--user", dest="username")
+    q.set_defaults(func=cmd_token_list)
+
+    p = sub.add_parser("audit", help="the audit log")
+    audits = p.add_subparsers(dest="audit_command", required=True)
+    q = audits.add_parser("verify", help="check the hash chain; exit 1 and name the first broken entry")
+    q.set_defaults(func=cmd_audit_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telepacs", description="PACS archive and teleradiology viewer")
     parser.add_argument("--config", help="TOML settings file (default: $TELEPACS_CONFIG or DATA_DIR/telepacs.toml)")
@@ -407,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer")
         action.add_argument("--quiet", action="store_true")
         action.set_defaults(func=cmd_orthanc)
+    _add_people_commands(sub)
     return parser
 
 

@@ -150,3 +150,132 @@ def test_serve_on_s3_uploads_through_a_separate_drainer(own_s3_server, tmp_path)
     with sqlite3.connect(data / "index.sqlite3") as db:
         indexed = {row[0] for row in db.execute("SELECT object_key FROM instances")}
     assert indexed == set(make_s3_store(own_s3_server, bucket).list_keys())
+
+
+# -- people: facilities, users, tokens, audit -------------------------------------------------------
+
+
+def _stdin_run(args: list[str], data_dir: Path, stdin: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEPACS_")}
+    full_env.update(TELEPACS_DATA_DIR=str(data_dir))
+    return subprocess.run(TELEPACS + args, env=full_env, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_facilities_users_and_tokens_from_the_command_line(tmp_path):
+    data = tmp_path / "data"
+    added = run(["facility", "add", "bv-huyen-a", "--name", "Bệnh viện huyện A", "--tier", "district",
+                 "--ae", "CT_HUYEN_A", "--ae", "CR_HUYEN_A"], data)
+    assert added.returncode == 0, added.stderr
+    assert "facility BV-HUYEN-A (district) added with AE title(s) CT_HUYEN_A, CR_HUYEN_A" in added.stdout
+    again = run(["facility", "add", "BV-HUYEN-A"], data)
+    assert again.returncode == 1 and "facility BV-HUYEN-A already exists" in again.stderr
+    taken = run(["facility", "add", "BV-HUYEN-B", "--ae", "CT_HUYEN_A"], data)
+    assert taken.returncode == 1 and "CT_HUYEN_A already belongs to facility BV-HUYEN-A" in taken.stderr
+    assert run(["facility", "add", "X", "--tier", "village"], data).returncode == 2  # argparse: not a tier
+    assert run(["facility", "ae", "BV-HUYEN-A", "US_HUYEN_A"], data).returncode == 0
+    listing = run(["facility", "list"], data).stdout
+    assert "BV-HUYEN-A" in listing and "CR_HUYEN_A,CT_HUYEN_A,US_HUYEN_A" in listing
+    assert "BV-HUYEN-B" not in listing  # the refused add left nothing behind (one transaction)
+
+    user = _stdin_run(["user", "add", "BS.Lan", "--facility", "BV-HUYEN-A", "--role", "requester",
+                       "--name", "BS. Trần Thị Lan"], data, "một mật khẩu dài\n")
+    assert user.returncode == 0, user.stderr
+    assert "user bs.lan (requester) added to facility BV-HUYEN-A" in user.stdout
+    weak = _stdin_run(["user", "add", "bs.nam", "--facility", "BV-HUYEN-A", "--role", "specialist"], data, "short\n")
+    assert weak.returncode == 1 and "at least 10 characters" in weak.stderr
+    nowhere = _stdin_run(["user", "add", "bs.nam", "--facility", "NOWHERE", "--role", "specialist"], data,
+                         "một mật khẩu dài\n")
+    assert nowhere.returncode == 1 and "no facility 'NOWHERE'" in nowhere.stderr
+    generated = run(["user", "add", "admin2", "--facility", "BV-HUYEN-A", "--role", "admin", "--random-password"],
+                    data)
+    assert generated.returncode == 0 and generated.stdout.startswith("password: ")
+
+    token = run(["token", "create", "bs.lan", "--name", "workstation"], data)
+    assert token.returncode == 0
+    secret = token.stdout.split(": ", 1)[1].split()[0]
+    assert secret.startswith("tp_") and len(secret) > 40
+    with sqlite3.connect(data / "index.sqlite3") as db:
+        stored = [row[0] for row in db.execute("SELECT token_sha256 FROM api_tokens")]
+    assert secret not in stored and len(stored) == 1  # only its SHA-256 is kept
+    tokens = run(["token", "list"], data).stdout
+    assert "bs.lan" in tokens and "active" in tokens and secret not in tokens
+    assert run(["token", "revoke", "1"], data).returncode == 0
+    assert "revoked" in run(["token", "list", "--user", "bs.lan"], data).stdout
+    missing = run(["token", "revoke", "99"], data)
+    assert missing.returncode == 1 and "no token 99" in missing.stderr
+
+    passwd = _stdin_run(["user", "passwd", "bs.lan", "--password-stdin"], data, "mật khẩu mới dài hơn\n")
+    assert passwd.returncode == 0 and "password of bs.lan changed" in passwd.stdout
+    assert run(["user", "disable", "bs.lan"], data).returncode == 0
+    users = run(["user", "list"], data).stdout
+    assert any(line.startswith("bs.lan") and "disabled" in line for line in users.splitlines()), users
+    assert run(["user", "disable", "nobody"], data).returncode == 1
+
+    verified = run(["audit", "verify"], data)
+    assert verified.returncode == 0, verified.stdout
+    assert "audit chain intact" in verified.stdout
+
+
+def test_audit_verify_finds_tampering(tmp_path):
+    data = tmp_path / "data"
+    assert run(["facility", "add", "BV-TINH", "--tier", "provincial"], data).returncode == 0
+    for name in ("bs.an", "bs.binh", "bs.chi"):
+        assert _stdin_run(["user", "add", name, "--facility", "BV-TINH", "--role", "specialist"], data,
+                          "một mật khẩu dài\n").returncode == 0
+    intact = run(["audit", "verify"], data)
+    assert intact.returncode == 0 and "4 entries verified" in intact.stdout
+    with sqlite3.connect(data / "index.sqlite3") as db:  # someone edits the log behind telepacs' back
+        db.execute("UPDATE audit_log SET detail = '{\"role\": \"admin\", \"facility\": \"BV-TINH\"}' WHERE id = 3")
+    broken = run(["audit", "verify"], data)
+    assert broken.returncode == 1
+    assert "AUDIT CHAIN BROKEN at entry 3: content changed after it was written (2 entries before it verified)" \
+        in broken.stdout
+    with sqlite3.connect(data / "index.sqlite3") as db:
+        db.execute("UPDATE audit_log SET detail = '{\"role\": \"specialist\", \"facility\": \"BV-TINH\"}' "
+                   "WHERE id = 3")
+    assert run(["audit", "verify"], data).returncode == 0  # put back exactly: the chain holds again
+    with sqlite3.connect(data / "index.sqlite3") as db:
+        db.execute("DELETE FROM audit_log WHERE id = 2")
+    deleted = run(["audit", "verify"], data)
+    assert deleted.returncode == 1 and "AUDIT CHAIN BROKEN at entry 3: link broken" in deleted.stdout
+
+
+def test_serve_creates_the_first_admin_once(tmp_path):
+    from archive import people
+    from archive.config import load_settings
+    from archive.db import make_engine
+    from archive.index import CatalogIndex
+    from telepacs.cli import bootstrap_admin
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEPACS_")}
+    env.update(TELEPACS_DATA_DIR=str(data), TELEPACS_DICOM_PORT=str(free_port()), TELEPACS_DICOM_HOST="127.0.0.1",
+               TELEPACS_LOCAL_TIER="district")
+    serve = subprocess.Popen(TELEPACS + ["serve", "--no-web"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        while not (lines and lines[-1].startswith("telepacs: data in")):
+            lines.append(serve.stdout.readline())
+            assert serve.poll() is None, lines
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+    printed = "".join(lines)
+    assert "created facility LOCAL and user 'admin'" in printed
+    secret_file = data / "initial-admin-password"
+    password = secret_file.read_text().strip()
+    assert password in printed and len(password) >= 20
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    settings = load_settings(env={"TELEPACS_DATA_DIR": str(data)})
+    engine = make_engine(settings.db_url)
+    try:
+        index = CatalogIndex(engine)
+        with index.write_session() as session, session.begin():
+            assert people.authenticate(session, "admin", password).ok
+            assert people.get_facility(session, "LOCAL").tier == "district"
+            assert people.get_user(session, "admin").role == "admin"
+        assert bootstrap_admin(engine, settings) is None  # users exist: nothing created, nothing printed
+    finally:
+        engine.dispose()
+    assert len(run(["user", "list"], data).stdout.strip().splitlines()) == 2  # the header and admin

@@ -18,12 +18,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
 
+    from viewer.auth import init_auth
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
     from viewer.reader import bp as reader
 
     init_i18n(app)
+    init_auth(app)  # first before_request hook: deny by default
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
     app.register_blueprint(reader)

@@ -32,6 +32,8 @@ from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import RETURN_KEYS, find
 from archive.service import Expected, IngestError, IngestFailure
 from storage import ObjectNotFound, StorageError
+from viewer.auth import access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed
+from viewer.auth.access import instance_exists_for_other, study_exists_for_other
 from viewer.cache import ByteLRU
 from viewer.deps import get_archive
 from viewer.render import (Frame, ImageFormat, RenderError, Viewport, Window, decode_frame, load_dataset,
@@ -240,7 +242,7 @@ def _search(level: Level, study_uid: str | None = None, series_uid: str | None =
     wanted = list(dict.fromkeys(search.returned))
     keys = search.keys + [MatchKey(k, "") for k in wanted if k not in matched and RETURN_KEYS.get(k)]
     try:
-        rows = find(get_archive().index, level, keys, fuzzy=search.fuzzy)
+        rows = find(get_archive().index, level, keys, fuzzy=search.fuzzy, scope=access_scope())
     except (UnsupportedKey, InvalidValue) as exc:
         raise BadRequest(str(exc)) from None
     page = islice(rows, search.offset, search.offset + (search.limit or MAX_LIMIT))
@@ -373,6 +375,7 @@ def _retrieve(study: str, series: str | None = None, instance: str | None = None
             log.error("WADO-RS: object %s of instance %s unreadable: %s", loc.object_key, loc.sop_instance_uid, exc)
             raise
 
+    note_study_viewed(study, "wado-rs")
     log.info("WADO-RS retrieve %d instance(s) of study %s for %s", len(locations), study, request.remote_addr)
     content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return Response(stream_with_context(write_parts(parts(), boundary)), content_type=content_type)
@@ -397,6 +400,7 @@ def _metadata(study: str, series: str | None = None, instance: str | None = None
     locations = _locations(study, series, instance)
     if not locations:
         return _not_found(study, series, instance)
+    note_study_viewed(study, "wado-rs metadata")
     archive = get_archive()
 
     def objects() -> Iterator[dict[str, Any]]:
@@ -441,6 +445,7 @@ def store_instances() -> ResponseReturnValue:
 
 
 @bp.post("/studies/<study>")
+@checks_objects_itself  # the study may be new; each part is checked in _store
 def store_study_instances(study: str) -> ResponseReturnValue:
     return _store(_uid(study))
 
@@ -452,7 +457,9 @@ def _store(study: str | None) -> ResponseReturnValue:
     if media.params.get("type", "application/dicom") != "application/dicom":
         return error(415, f"parts of type {media.params['type']!r} are not accepted; send application/dicom")
     archive = get_archive()
-    source = Source("stow", host=request.remote_addr)
+    user = current_user()
+    # What a user stores belongs to their facility (administrators included: theirs is usually LOCAL).
+    source = Source("stow", host=request.remote_addr, facility=user.facility.code if user is not None else None)
     expected = Expected(study_uid=study) if study else None
     stored: list[dict[str, Any]] = []
     failed: list[tuple[dict[str, Any], str]] = []
@@ -465,7 +472,12 @@ def _store(study: str | None) -> ResponseReturnValue:
                 if part_type != "application/dicom":
                     failed.append(_failed_item(None, 0xC000, f"part {number} is {part_type}, not application/dicom"))
                     continue
+                refusal = _foreign_object(part.path)
+                if refusal:
+                    failed.append(_failed_item(part.path, _NOT_AUTHORIZED, f"part {number}: {refusal}"))
+                    continue
                 result = archive.ingest_file(part.path, source, expected=expected, move=True)
+                forget_study(result.study_uid)
                 stored.append({
                     "00081150": {"vr": "UI", "Value": [result.sop_class_uid]},
                     "00081155": {"vr": "UI", "Value": [result.sop_instance_uid]},
@@ -494,6 +506,23 @@ def _store(study: str | None) -> ResponseReturnValue:
     headers = {"Warning": f'299 telepacs "{warning}"'} if warning else {}
     log.info("STOW-RS from %s: %d stored, %d failed", request.remote_addr, len(stored), len(failed))
     return Response(json.dumps(body), status=status, mimetype=DICOM_JSON, headers=headers)
+
+
+_NOT_AUTHORIZED = 0x0124  # Refused: Not authorized (PS3.7 Annex C)
+
+
+def _foreign_object(path: Any) -> str:
+    """Why a part may not be stored by this user ('' if it may): it would add to or replace what they cannot see."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
+        study, sop = str(ds.get("StudyInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        return ""  # the ingest refuses it with the precise reason
+    if study and study_exists_for_other(study):
+        return f"study {study} belongs to another facility; it cannot be added to"
+    if sop and instance_exists_for_other(sop):
+        return f"instance {sop} belongs to another facility; it cannot be replaced"
+    return ""
 
 
 def _failed_item(path: Any, reason: int, message: str) -> tuple[dict[str, Any], str]:

@@ -116,17 +116,54 @@ def openapi_document() -> dict[str, Any]:
                                                            "schema": {"type": "string", "pattern": "^[0-9A-Fa-f]{8}$"}}],
             MULTIPART, 400, 404),
     }
+    paths["/healthz"]["get"]["security"] = []  # public: load balancers and the test fixtures poll it
+    paths.update(_page_paths())
     from viewer.reader import openapi_paths as reader_paths
 
     paths.update(reader_paths())
-    paths["/lang/{code}"] = {"get": {"summary": "Choose the interface language (vi, en): a cookie, then back to `next`",
-                                     "parameters": [{"name": "code", "in": "path", "required": True,
-                                                     "schema": {"type": "string"}},
-                                                    _query("next", {"type": "string"}, "a path on this site")],
-                                     "responses": {"302": {"description": "back to `next`"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "telepacs", "version": "0.1",
                  "description": "DICOMweb (PS3.18: QIDO-RS, WADO-RS, STOW-RS, rendered) of the telepacs archive."},
         "paths": paths,
+        "components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "an API token (`telepacs token create`)"},
+            "basic": {"type": "http", "scheme": "basic", "description": "username and an API token as password"},
+            "session": {"type": "apiKey", "in": "cookie", "name": "telepacs_session",
+                        "description": "the cookie set by /login (unsafe methods also need X-CSRF-Token)"},
+        }},
+        "security": [{"bearer": []}, {"basic": []}, {"session": []}],
+    }
+
+
+HTML = {"content": {"text/html": {"schema": {"type": "string"}}}}
+REDIRECT = {"description": "Found (redirect)"}
+
+
+def _page_paths() -> dict[str, Any]:
+    """The pages of people (log in, log out, password, language): HTML forms, not an API, listed for completeness."""
+    public: list[dict[str, Any]] = []  # no security: reachable without logging in
+    form = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}}}
+    return {
+        "/login": {
+            "get": {"summary": "The login page", "security": public,
+                    "parameters": [_query("next", {"type": "string"}, "where to go after logging in")],
+                    "responses": {"200": {"description": "OK", **HTML}, "302": REDIRECT}},
+            "post": {"summary": "Log in (username, password, csrf_token)", "security": public, "requestBody": form,
+                     "responses": {"302": REDIRECT, "401": {"description": "refused", **HTML},
+                                   "403": {"description": "no CSRF token", **HTML}}},
+        },
+        "/logout": {"post": {"summary": "Log out (csrf_token)", "requestBody": form,
+                             "responses": {"302": REDIRECT, "403": {"description": "no CSRF token", **HTML}}}},
+        "/account/password": {
+            "get": {"summary": "The password change page", "responses": {"200": {"description": "OK", **HTML}}},
+            "post": {"summary": "Change one's password", "requestBody": form,
+                     "responses": {"200": {"description": "changed", **HTML},
+                                   "400": {"description": "refused", **HTML}}},
+        },
+        "/lang/{code}": {"get": {
+            "summary": "Choose the interface language (a cookie), then go back", "security": public,
+            "parameters": [{"name": "code", "in": "path", "required": True, "schema": {"type": "string"}},
+                           _query("next", {"type": "string"}, "where to go back to")],
+            "responses": {"302": REDIRECT}}},
     }

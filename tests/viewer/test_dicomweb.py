@@ -15,11 +15,13 @@ from helpers import MR_STUDY_DIR, TS_DIR, dicom_files, part10_dataset_bytes, wri
 
 
 def _client(web) -> DICOMwebClient:
-    return DICOMwebClient(url=web.dicomweb)
+    return web.client()
 
 
-def _stow(web, files, study: str | None = None, extra_parts=()) -> requests.Response:
-    """POST raw Part 10 files (and any extra (content type, bytes) parts) as multipart/related."""
+def _stow(web, files, study: str | None = None, extra_parts=(), http: requests.Session | None = None
+          ) -> requests.Response:
+    """POST raw Part 10 files (and any extra (content type, bytes) parts) as multipart/related (as the admin,
+    or through ``http``)."""
     boundary = "b" + uuid.uuid4().hex
     body = io.BytesIO()
     parts = [("application/dicom", path.read_bytes()) for path in files] + list(extra_parts)
@@ -27,7 +29,7 @@ def _stow(web, files, study: str | None = None, extra_parts=()) -> requests.Resp
         body.write(f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     url = web.dicomweb + "/studies" + (f"/{study}" if study else "")
-    return requests.post(url, data=body.getvalue(), timeout=60, headers={
+    return (http or web.http).post(url, data=body.getvalue(), timeout=60, headers={
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json"})
 
@@ -51,7 +53,7 @@ def test_stow_then_retrieve_byte_for_byte(web, tmp_path):
         # Ask for the stored syntax explicitly: the response must be exactly what was stored.
         syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         url = f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}"
-        got = requests.get(url, timeout=30, headers={
+        got = web.http.get(url, timeout=30, headers={
             "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'})
         assert got.status_code == 200, got.text
         retrieved = client.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
@@ -162,7 +164,7 @@ def test_stow_cut_short_keeps_complete_parts(web, tmp_path):
     boundary = "cut" + uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + first.read_bytes() + b"\r\n"
             + f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + second.read_bytes()[:300])
-    response = requests.post(web.dicomweb + "/studies", data=body, timeout=30, headers={
+    response = web.http.post(web.dicomweb + "/studies", data=body, timeout=30, headers={
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     assert response.status_code == 202
     assert "cut short" in response.headers["Warning"]
@@ -182,7 +184,7 @@ def test_stow_cut_short_keeps_complete_parts(web, tmp_path):
     ("/studies/1.2.3.4/series/1.2.3.5/metadata", 404, "not in the archive"),
 ])
 def test_bad_requests_get_json_errors(web, path, status, words):
-    response = requests.get(web.dicomweb + path, timeout=10)
+    response = web.http.get(web.dicomweb + path, timeout=10)
     assert response.status_code == status
     assert words in response.json()["error"]
 
@@ -192,22 +194,22 @@ def test_unsupported_accept_and_syntax(web, tmp_path):
     assert _stow(web, [path]).status_code == 200
     study, series, sop = _uids(path)
     url = f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}"
-    assert requests.get(url, headers={"Accept": "image/png"}, timeout=10).status_code == 406
-    jpeg = requests.get(url, timeout=10, headers={
+    assert web.http.get(url, headers={"Accept": "image/png"}, timeout=10).status_code == 406
+    jpeg = web.http.get(url, timeout=10, headers={
         "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
     assert jpeg.status_code == 406 and "transfer-syntax=*" in jpeg.json()["error"]
-    assert requests.post(web.dicomweb + "/studies", data=b"x", headers={"Content-Type": "text/plain"},
+    assert web.http.post(web.dicomweb + "/studies", data=b"x", headers={"Content-Type": "text/plain"},
                          timeout=10).status_code == 415
 
 
 def test_search_results_are_dicom_json(web, tmp_path):
     path = write_instance(tmp_path / "a.dcm", StudyDate="20240115", AccessionNumber="ACC1")
     assert _stow(web, [path]).status_code == 200
-    response = requests.get(web.dicomweb + "/studies?StudyDate=20240101-20240131", timeout=10)
+    response = web.http.get(web.dicomweb + "/studies?StudyDate=20240101-20240131", timeout=10)
     assert response.headers["Content-Type"].startswith("application/dicom+json")
     (study,) = json.loads(response.content)
     assert study["00080020"] == {"vr": "DA", "Value": ["20240115"]}
     assert study["00080050"] == {"vr": "SH", "Value": ["ACC1"]}
     assert study["00201208"] == {"vr": "IS", "Value": [1]}
     assert study["00080090"] == {"vr": "PN"}  # asked for by default, empty
-    assert requests.get(web.dicomweb + "/studies?StudyDate=-20231231", timeout=10).json() == []
+    assert web.http.get(web.dicomweb + "/studies?StudyDate=-20231231", timeout=10).json() == []

@@ -19,7 +19,9 @@ import pytest
 import requests
 
 from archive.index import Source
-from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files
+from archive.service import Archive
+from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, make_settings
+from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD, seed_admin
 from viewer import create_app
 from viewer.ohif import DEFAULT_DIR
 
@@ -46,29 +48,29 @@ def ohif_bundle() -> Path:
 
 
 def test_pages_and_files_under_gunicorn(web, ohif_bundle):
-    index = requests.get(web.url + "/ohif/", timeout=10)
+    index = web.http.get(web.url + "/ohif/", timeout=10)
     assert index.status_code == 200 and "text/html" in index.headers["Content-Type"]
     assert "window.PUBLIC_URL = '/ohif/'" in index.text and 'src="/ohif/app-config.js"' in index.text
     assert index.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
     assert index.headers["Cross-Origin-Opener-Policy"] == "same-origin"
     # OHIF's client-side routes get its page (the SPA decides what to show) ...
-    viewer = requests.get(web.url + "/ohif/viewer?StudyInstanceUIDs=1.2.3", timeout=10)
+    viewer = web.http.get(web.url + "/ohif/viewer?StudyInstanceUIDs=1.2.3", timeout=10)
     assert viewer.status_code == 200 and viewer.text == index.text
     # ... its files are served as they are, content-hashed ones cached for good ...
     bundle = next(ohif_bundle.glob("app.bundle.*.js")).name
-    script = requests.get(f"{web.url}/ohif/{bundle}", timeout=30)
+    script = web.http.get(f"{web.url}/ohif/{bundle}", timeout=30)
     assert script.status_code == 200 and script.content == (ohif_bundle / bundle).read_bytes()
     assert "immutable" in script.headers["Cache-Control"]
     # ... and a missing file is a 404, not the page.
-    assert requests.get(web.url + "/ohif/no-such-chunk.js", timeout=10).status_code == 404
+    assert web.http.get(web.url + "/ohif/no-such-chunk.js", timeout=10).status_code == 404
     # A path out of the bundle folder never reaches the file system outside it.
-    escape = requests.get(web.url + "/ohif/%2e%2e/%2e%2e/setup.cfg", timeout=10)
+    escape = web.http.get(web.url + "/ohif/%2e%2e/%2e%2e/setup.cfg", timeout=10)
     assert escape.content != (Path(__file__).parents[2] / "setup.cfg").read_bytes()
     assert escape.text == index.text  # it is just one more client-side route
 
 
 def test_app_config_points_at_this_servers_dicomweb(web, ohif_bundle):
-    response = requests.get(web.url + "/ohif/app-config.js", timeout=10)
+    response = web.http.get(web.url + "/ohif/app-config.js", timeout=10)
     assert response.status_code == 200 and "javascript" in response.headers["Content-Type"]
     text = response.text
     assert "window.config = {" in text and '"routerBasename": "/ohif"' in text
@@ -77,9 +79,13 @@ def test_app_config_points_at_this_servers_dicomweb(web, ohif_bundle):
     assert '"defaultDataSourceName": "telepacs"' in text and '"imageRendering": "wadors"' in text
 
 
-def test_missing_bundle_is_a_clear_503(tmp_path, caplog):
-    app = create_app({"OHIF_DIR": str(tmp_path / "nothing-here")})
-    response = app.test_client().get("/ohif/")
+def test_missing_bundle_is_a_clear_503(tmp_path, caplog, monkeypatch):
+    archive = Archive.open(make_settings(tmp_path))
+    token = seed_admin(archive)
+    monkeypatch.setenv("TELEPACS_DATA_DIR", str(archive.settings.data_dir))
+    app = create_app({"OHIF_DIR": str(tmp_path / "nothing-here"), "TELEPACS_ARCHIVE": archive})
+    response = app.test_client().get("/ohif/", headers={"Authorization": f"Bearer {token}"})
+    archive.close()
     assert response.status_code == 503
     assert b"scripts/fetch_ohif.py" in response.data and b"nothing-here" in response.data
     assert any("OHIF viewer is not installed" in r.getMessage() for r in caplog.records)
@@ -221,8 +227,14 @@ def test_ohif_lists_and_displays_testdata(web, ohif_bundle, ct_part10_dir, tmp_p
             page.on("requestfailed", problems.on_request_failed)
             lap("browser")
 
-            # The study list: one row per study, found through QIDO-RS.
+            # OHIF is behind the login: log in through telepacs' page, then its DICOMweb calls carry the cookie.
             page.goto(web.url + "/ohif/")
+            assert "/login?next=" in page.url, page.url
+            page.fill("#username", ADMIN)
+            page.fill("#password", ADMIN_PASSWORD)
+            page.click("button[type=submit]")
+            # The study list: one row per study, found through QIDO-RS.
+            page.wait_for_url(lambda url: "/ohif/" in url and "/login" not in url)
             for uid in studies.values():
                 page.locator(f'[data-cy="studyRow-{uid}"]').wait_for(timeout=DRAW_TIMEOUT * 1000)
             assert page.locator('[data-cy^="studyRow-"]').count() == 4

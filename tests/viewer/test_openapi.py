@@ -49,7 +49,7 @@ def test_schemathesis_finds_no_server_error(web, tmp_path):
         [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "run",
          web.url + "/openapi.json",
          "--checks", "not_a_server_error", "--max-examples", "15", "--phases", "examples,fuzzing",
-         "--seed", "20261122", "--request-timeout", "20",
+         "--seed", "20261122", "--request-timeout", "20", "--header", f"Authorization: Bearer {web.token}",
          "--exclude-method", "POST"],  # STOW-RS: schemathesis cannot build multipart/related (test_dicomweb does)
         capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr

@@ -54,7 +54,7 @@ def loaded(web, ct_part10_dir):
 
 def test_rendered_instance_is_the_pipeline_output(loaded):
     web, ct = loaded
-    response = requests.get(_url(web, ct[0], "rendered") + "?window=40,400", timeout=30)
+    response = web.http.get(_url(web, ct[0], "rendered") + "?window=40,400", timeout=30)
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/jpeg"
     assert response.content == render_frame(ct[0].read_bytes(), 0, "40,400")
     assert _image(response).size == (512, 512)
@@ -64,7 +64,7 @@ def test_rendered_instance_is_the_pipeline_output(loaded):
 def test_every_transfer_syntax_renders(loaded):
     web, _ = loaded
     for path in dicom_files(TS_DIR):
-        response = requests.get(_url(web, path, "rendered"), timeout=30, headers={"Accept": "image/png"})
+        response = web.http.get(_url(web, path, "rendered"), timeout=30, headers={"Accept": "image/png"})
         assert response.status_code == 200, (path.name, response.text)
         assert response.headers["Content-Type"] == "image/png"
         assert response.content == render_frame(path.read_bytes(), 0, fmt="png")
@@ -73,23 +73,23 @@ def test_every_transfer_syntax_renders(loaded):
 def test_viewport_quality_formats_and_window_change_the_image(loaded):
     web, ct = loaded
     url = _url(web, ct[0], "rendered")
-    small = requests.get(url + "?viewport=256,256&quality=60", timeout=30)
+    small = web.http.get(url + "?viewport=256,256&quality=60", timeout=30)
     assert _image(small).size == (256, 256)
-    webp = requests.get(url, timeout=30, headers={"Accept": "image/webp"})
+    webp = web.http.get(url, timeout=30, headers={"Accept": "image/webp"})
     assert webp.headers["Content-Type"] == "image/webp" and _image(webp).format == "WEBP"
-    bone = requests.get(url + "?window=500,2000", timeout=30).content
-    brain = requests.get(url + "?window=40,80", timeout=30).content
+    bone = web.http.get(url + "?window=500,2000", timeout=30).content
+    brain = web.http.get(url + "?window=40,80", timeout=30).content
     assert bone != brain
 
 
 def test_etag_and_conditional_get(loaded):
     web, ct = loaded
     url = _url(web, ct[1], "rendered") + "?window=40,400"
-    first = requests.get(url, timeout=30)
+    first = web.http.get(url, timeout=30)
     etag = first.headers["ETag"]
-    again = requests.get(url, timeout=30, headers={"If-None-Match": etag})
+    again = web.http.get(url, timeout=30, headers={"If-None-Match": etag})
     assert again.status_code == 304 and again.content == b""
-    other = requests.get(_url(web, ct[1], "rendered") + "?window=40,401", timeout=30)
+    other = web.http.get(_url(web, ct[1], "rendered") + "?window=40,401", timeout=30)
     assert other.headers["ETag"] != etag
 
 
@@ -98,12 +98,12 @@ def test_frames_of_a_multiframe(web, tmp_path):
     assert _stow(web, [path]).status_code == 200
     levels = []
     for number in (1, 2, 4):
-        response = requests.get(_url(web, path, "frames", str(number), "rendered"), timeout=30,
+        response = web.http.get(_url(web, path, "frames", str(number), "rendered"), timeout=30,
                                 headers={"Accept": "image/png"})
         assert response.status_code == 200
         levels.append(int(np.asarray(_image(response)).mean()))
     assert levels == sorted(levels) and len(set(levels)) == 3  # frame n holds 1000 * n: brighter each time
-    missing = requests.get(_url(web, path, "frames", "5", "rendered"), timeout=30)
+    missing = web.http.get(_url(web, path, "frames", "5", "rendered"), timeout=30)
     assert missing.status_code == 404 and "4 frame(s)" in missing.json()["error"]
 
 
@@ -113,10 +113,10 @@ def test_thumbnails_and_series_rendered(loaded):
     for url in (f"{web.dicomweb}/studies/{study}/thumbnail",
                 f"{web.dicomweb}/studies/{study}/series/{series}/thumbnail",
                 _url(web, ct[3], "thumbnail")):
-        response = requests.get(url, timeout=30)
+        response = web.http.get(url, timeout=30)
         assert response.status_code == 200, response.text
         assert max(_image(response).size) == 128
-    series_image = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/rendered", timeout=30)
+    series_image = web.http.get(f"{web.dicomweb}/studies/{study}/series/{series}/rendered", timeout=30)
     assert series_image.status_code == 200 and _image(series_image).size == (512, 512)
 
 
@@ -129,7 +129,7 @@ def test_thumbnails_and_series_rendered(loaded):
 ])
 def test_bad_render_parameters(loaded, query, status, words):
     web, ct = loaded
-    response = requests.get(_url(web, ct[0], "rendered") + query, timeout=30)
+    response = web.http.get(_url(web, ct[0], "rendered") + query, timeout=30)
     assert response.status_code == status
     assert words in response.json()["error"].lower()
 
@@ -137,10 +137,10 @@ def test_bad_render_parameters(loaded, query, status, words):
 def test_unknown_instance_and_unacceptable_media(loaded):
     web, ct = loaded
     study, series, _ = _uids(ct[0])
-    unknown = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/1.2.3.{uuid.uuid4().int % 999}"
+    unknown = web.http.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/1.2.3.{uuid.uuid4().int % 999}"
                            "/rendered", timeout=30)
     assert unknown.status_code == 404
-    html = requests.get(_url(web, ct[0], "rendered"), timeout=30, headers={"Accept": "text/html"})
+    html = web.http.get(_url(web, ct[0], "rendered"), timeout=30, headers={"Accept": "text/html"})
     assert html.status_code == 406
 
 
@@ -160,7 +160,7 @@ def test_uncompressed_frames_with_dicomweb_client(web, tmp_path):
 
     files = dicom_files(TS_DIR)
     assert _stow(web, files).status_code == 200
-    client = DICOMwebClient(url=web.dicomweb)
+    client = web.client()
     for path in files:
         study, series, sop = _uids(path)
         (frame,) = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1])
@@ -174,13 +174,13 @@ def test_frames_as_stored_and_several_frames(web, tmp_path):
     assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.80"
     mf = _multiframe(tmp_path / "mf.dcm")
     assert _stow(web, [jpeg_ls, mf]).status_code == 200
-    stored = requests.get(_url(web, jpeg_ls, "frames", "1"), timeout=30, headers={
+    stored = web.http.get(_url(web, jpeg_ls, "frames", "1"), timeout=30, headers={
         "Accept": 'multipart/related; type="image/jls"'})
     assert stored.status_code == 200
     fragment = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
     assert fragment in stored.content and b"Content-Type: image/jls; transfer-syntax=1.2.840.10008.1.2.4.80" \
         in stored.content
-    two = requests.get(_url(web, mf, "frames", "2,4"), timeout=30)
+    two = web.http.get(_url(web, mf, "frames", "2,4"), timeout=30)
     assert two.status_code == 200
     frames = pydicom.pixels.pixel_array(pydicom.dcmread(mf), raw=True)
     assert frames[1].tobytes() in two.content and frames[3].tobytes() in two.content
@@ -196,7 +196,7 @@ def test_frames_as_stored_and_several_frames(web, tmp_path):
 def test_frame_errors(web, tmp_path, tail, accept, status):
     path = _multiframe(tmp_path / "mf.dcm")
     assert _stow(web, [path]).status_code == 200
-    response = requests.get(_url(web, path, *tail.split("/")), timeout=30,
+    response = web.http.get(_url(web, path, *tail.split("/")), timeout=30,
                             headers={"Accept": accept} if accept else {})
     assert response.status_code == status
     assert response.json()["error"]
@@ -207,7 +207,7 @@ def test_metadata_pixel_data_is_bulk_data_by_uri(web):
 
     native, jpeg_ls = TS_DIR / "1.dcm", TS_DIR / "7.dcm"
     assert _stow(web, [native, jpeg_ls]).status_code == 200
-    client = DICOMwebClient(url=web.dicomweb)
+    client = web.client()
     for path in (native, jpeg_ls):
         study, series, sop = _uids(path)
         metadata = client.retrieve_instance_metadata(study, series, sop)
@@ -220,7 +220,7 @@ def test_metadata_pixel_data_is_bulk_data_by_uri(web):
         else:
             assert parts == [pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)]
     study, series, sop = _uids(native)
-    missing = requests.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}/bulkdata/00100010",
+    missing = web.http.get(f"{web.dicomweb}/studies/{study}/series/{series}/instances/{sop}/bulkdata/00100010",
                            timeout=30)
     assert missing.status_code == 404
 
@@ -229,7 +229,7 @@ def test_rendered_with_dicomweb_client(loaded):
     from dicomweb_client.api import DICOMwebClient
 
     web, ct = loaded
-    client = DICOMwebClient(url=web.dicomweb)
+    client = web.client()
     study, series, sop = _uids(ct[2])
     image = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",),
                                               params={"window": "40,400"})
