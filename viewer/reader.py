@@ -26,6 +26,7 @@ from archive.index import IndexUnavailable
 from archive.keys import InvalidUID, validate_uid
 from archive.reading import DisplayInstance, SeriesListing, StudyHeader, series_listing, series_of_instance, study_header
 from storage import ObjectNotFound, StorageError
+from viewer.auth import note_study_viewed
 from viewer.deps import get_archive
 from viewer.measure import ellipse_mask, region_stats
 from viewer.render import RenderError, decode_frame, load_dataset
@@ -302,6 +303,7 @@ def viewer_page(study: str) -> ResponseReturnValue:
     start = start_position(listing, instance, request.args.get("frame"))
     number, frame = stack_of(listing)[start]
     first = listing.instances[number]
+    note_study_viewed(study, "viewer")
     data = {"study": _study_json(header), "series": series_json(listing), "start": start}
     preload = preview_url(listing, first, frame, _first_window(first, request.args))
     # The plain <img> preview matches the canvas only for the default view of square pixels.

@@ -23,7 +23,7 @@ from archive.service import Archive
 from helpers import FMRI_DIR, MR_STUDY_DIR, REPO, TS_DIR, dicom_files, make_settings
 from tests.e2e import phantoms
 from tests.peers import free_port
-from tests.viewer.conftest import WebServer, _wait_healthy
+from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD, WebServer, _wait_healthy, seed_admin
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "e2e"
@@ -41,6 +41,7 @@ class Loaded(WebServer):
 
     studies: dict[str, str] = field(default_factory=dict)  # name -> StudyInstanceUID
     series: dict[str, list[str]] = field(default_factory=dict)  # name -> SeriesInstanceUIDs
+    browser_state: dict[str, Any] | None = None  # cookies of the admin logged in through /login
 
 
 def _start(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -63,7 +64,7 @@ def loaded_web(tmp_path_factory: pytest.TempPathFactory, ct_part10_dir: Path) ->
     """telepacs under gunicorn (as the ``web`` fixture runs it) with ../shared/testdata and the phantoms."""
     base = tmp_path_factory.mktemp("e2e-web")
     archive = Archive.open(make_settings(base))
-    loaded = Loaded("", archive, base / "gunicorn.log")
+    loaded = Loaded("", archive, base / "gunicorn.log", seed_admin(archive))
     source = Source(via="import")
     named = {"ct": dicom_files(ct_part10_dir), "mr": dicom_files(MR_STUDY_DIR), "fmri": dicom_files(FMRI_DIR),
              "ts": dicom_files(TS_DIR)}
@@ -180,8 +181,26 @@ def screenshot_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
+def _log_in(browser: Any, web: Loaded) -> dict[str, Any]:
+    """Log the admin in through the login page once; later contexts start with its cookies."""
+    if web.browser_state is None:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(web.url + "/login")
+        page.fill("#username", ADMIN)
+        page.fill("#password", ADMIN_PASSWORD)
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        assert "/login" not in page.url, "logging in failed"
+        web.browser_state = context.storage_state()
+        context.close()
+    return web.browser_state
+
+
 def open_context(browser: Any, web: Loaded, shots: Path, locale: str = "en-GB", **options: Any) -> Browsing:
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, locale=locale, **options)
+    """A browser context logged in as the admin, recording what goes wrong."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, locale=locale,
+                                  storage_state=_log_in(browser, web), **options)
     page = context.new_page()
     problems = Problems(web.url)
     page.on("console", problems.on_console)

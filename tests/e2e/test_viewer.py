@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from tests.e2e import phantoms
@@ -123,7 +122,7 @@ def test_ct_opens_on_the_middle_slice_and_scrolls(browsing):
     b.shot("03-slice-4-wheel")
     # The slice on screen is the one the state names.
     sop = state(b)["instance"]
-    listing = requests.get(f"{b.web.url}/api/viewer/series/{state(b)['series']}", timeout=10).json()
+    listing = b.web.http.get(f"{b.web.url}/api/viewer/series/{state(b)['series']}", timeout=10).json()
     assert listing["instances"][3]["sop"] == sop
 
 
@@ -156,7 +155,7 @@ def test_preset_matches_the_servers_rendering(browsing):
     s = state(b)
     url = (f"{b.web.url}/dicomweb/studies/{b.web.studies['ct']}/series/{s['series']}/instances/{s['instance']}"
            f"/frames/1/rendered?window=50,400,linear&quality=100")
-    response = requests.get(url, headers={"Accept": "image/png"}, timeout=30)
+    response = b.web.http.get(url, headers={"Accept": "image/png"}, timeout=30)
     server = np.asarray(Image.open(io.BytesIO(response.content)).convert("L"), dtype=int)
     assert shown.shape == server.shape == (512, 512)
     difference = np.abs(shown - server)
