@@ -128,12 +128,13 @@ def test_ct_opens_on_the_middle_slice_and_scrolls(browsing):
 
 def test_preset_matches_the_servers_rendering(browsing):
     b = browsing
+    b.page.add_init_script(_RECORD_DISPLAYS)
     open_viewer(b, b.web.studies["ct"])
     wait_full(b)
     started = time.perf_counter()
     b.page.keyboard.press("6")  # abdomen 50/400
-    b.page.wait_for_function("(() => { const s = telepacsViewer.getState(); "
-                             "return s.wc === 50 && s.ww === 400 && s.quality === 'full'; })()")
+    b.page.wait_for_function("window.__displays.some(d => d.index === 5 && d.wc === 50 && d.ww === 400 "
+                             "&& d.quality === 'full')")
     elapsed = (time.perf_counter() - started) * 1000
     b.page.wait_for_function("document.body.dataset.slice === '6'")
     print(f"preset to full-quality image on screen: {elapsed:.0f} ms (loopback, includes the page's polling)")
@@ -427,8 +428,8 @@ def test_language_switch_and_help(browsing):
     b = browsing
     open_viewer(b, b.web.studies["ct"])
     b.page.click("a[hreflang=vi]")
-    b.page.wait_for_function("document.documentElement.lang === 'vi' && document.body.dataset.firstImageMs")
-    b.page.wait_for_function("telepacsViewer.getState().quality")
+    b.page.wait_for_function("document.documentElement.lang === 'vi' && window.telepacsViewer "
+                             "&& telepacsViewer.getState().quality")
     assert "Lát cắt 6 / 10" in overlay(b)
     assert b.page.locator("button[data-preset='4']").inner_text() == "Phổi"
     b.page.keyboard.press("?")
