@@ -56,6 +56,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,11 @@ class Settings:
     forward_batch_size: int = 50
     forward_poll_interval: float = 1.0
     forward_lease: float = 300.0
+    # How long a consult may wait for its conclusion, by urgency (hours): past that a coordinator sees it overdue.
+    consult_due_emergency_hours: float = 1.0
+    consult_due_urgent_hours: float = 24.0
+    consult_due_routine_hours: float = 72.0
+    smtp_url: str = ""  # smtp://[user:password@]host[:port]?from=addr[&starttls=1] (smtps:// for TLS); empty: no e-mail
     secret_key: str = field(default="", repr=False)  # empty: generated once into DATA_DIR/secret-key
     session_hours: float = 12.0
     local_tier: str = "provincial"
@@ -340,6 +346,10 @@ def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
                     "retry_max": "forward_retry_max", "max_attempts": "forward_max_attempts",
                     "batch_size": "forward_batch_size", "poll_interval": "forward_poll_interval",
                     "lease": "forward_lease"},
+        "mail": {"smtp_url": "smtp_url"},
+        "consults": {"due_emergency_hours": "consult_due_emergency_hours",
+                     "due_urgent_hours": "consult_due_urgent_hours",
+                     "due_routine_hours": "consult_due_routine_hours"},
     }
     for section, names in sections.items():
         table = doc.get(section, {})
@@ -377,6 +387,10 @@ _ENV_NAMES = {
     "FORWARD_BATCH_SIZE": "forward_batch_size",
     "FORWARD_POLL_INTERVAL": "forward_poll_interval",
     "FORWARD_LEASE": "forward_lease",
+    "CONSULT_DUE_EMERGENCY_HOURS": "consult_due_emergency_hours",
+    "CONSULT_DUE_URGENT_HOURS": "consult_due_urgent_hours",
+    "CONSULT_DUE_ROUTINE_HOURS": "consult_due_routine_hours",
+    "SMTP_URL": "smtp_url",
     "SECRET_KEY": "secret_key",
     "SESSION_HOURS": "session_hours",
     "LOCAL_TIER": "local_tier",
@@ -453,10 +467,25 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         forward_batch_size=batch_size,
         forward_poll_interval=_float("forward poll_interval", raw.get("forward_poll_interval", 1.0), minimum=0.01),
         forward_lease=_float("forward lease", raw.get("forward_lease", 300.0), minimum=1.0),
+        consult_due_emergency_hours=_float("consults due_emergency_hours",
+                                           raw.get("consult_due_emergency_hours", 1.0), minimum=0.01),
+        consult_due_urgent_hours=_float("consults due_urgent_hours",
+                                        raw.get("consult_due_urgent_hours", 24.0), minimum=0.01),
+        consult_due_routine_hours=_float("consults due_routine_hours",
+                                         raw.get("consult_due_routine_hours", 72.0), minimum=0.01),
+        smtp_url=_smtp_url(str(raw.get("smtp_url", ""))),
         secret_key=_secret_key(str(raw.get("secret_key", ""))),
         session_hours=_float("auth session_hours", raw.get("session_hours", 12.0), minimum=0.05),
         local_tier=_tier(str(raw.get("local_tier", "provincial"))),
     )
+
+
+def _smtp_url(value: str) -> str:
+    if value and urlsplit(value).scheme not in ("smtp", "smtps"):
+        raise ConfigError(f"mail smtp_url must start with smtp:// or smtps://, not {value!r}")
+    if value and not urlsplit(value).hostname:
+        raise ConfigError(f"mail smtp_url {value!r} names no host")
+    return value
 
 
 _TIERS = ("central", "provincial", "district", "commune")

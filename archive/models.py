@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -295,6 +296,201 @@ class ForwardItem(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+
+# -- teleconsultation (viewer.consults.service owns the rules; these are the records) --------------
+
+
+class Consult(Base):
+    """A request from a facility to a hub for a remote opinion on a patient's images.
+
+    ``state`` and ``urgency`` hold ``viewer.consults.service`` ``ConsultState`` / ``Urgency`` values.
+    """
+
+    __tablename__ = "consults"
+    __table_args__ = (
+        Index("ix_consults_hub_state", "hub_facility_fk", "state"),
+        Index("ix_consults_state_due", "state", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    clinical_summary: Mapped[str] = mapped_column(Text, default="")
+    patient_informed: Mapped[bool] = mapped_column(Boolean, default=False)  # of the remote consultation
+    urgency: Mapped[str] = mapped_column(String(16))  # routine | urgent | emergency
+    specialty: Mapped[str] = mapped_column(String(64), default="")
+    requester_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    requester_facility_fk: Mapped[int] = mapped_column(ForeignKey("facilities.id"), index=True)
+    hub_facility_fk: Mapped[int] = mapped_column(ForeignKey("facilities.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    decline_reason: Mapped[str] = mapped_column(Text, default="")
+    observers_allowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    deidentify_for_observers: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    due_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    requester: Mapped[User] = relationship(foreign_keys=[requester_fk])
+    requester_facility: Mapped[Facility] = relationship(foreign_keys=[requester_facility_fk])
+    hub_facility: Mapped[Facility] = relationship(foreign_keys=[hub_facility_fk])
+    questions: Mapped[list[ConsultQuestion]] = relationship(
+        back_populates="consult", order_by="ConsultQuestion.position", cascade="all, delete-orphan")
+    participants: Mapped[list[ConsultParticipant]] = relationship(
+        back_populates="consult", order_by="ConsultParticipant.id", cascade="all, delete-orphan")
+    studies: Mapped[list[ConsultStudy]] = relationship(  # never deleted (a trigger refuses it)
+        back_populates="consult", order_by="ConsultStudy.id", cascade="save-update, merge")
+
+
+class ConsultQuestion(Base):
+    """One question the requesting doctor asks; the conclusion answers each one."""
+
+    __tablename__ = "consult_questions"
+    __table_args__ = (UniqueConstraint("consult_fk", "position", name="uq_consult_questions_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # 1-based order as asked
+    text: Mapped[str] = mapped_column(Text)
+
+    consult: Mapped[Consult] = relationship(back_populates="questions")
+
+
+class ConsultParticipant(Base):
+    """A user taking part in a consult, with their role in it (requester | specialist | coordinator | observer)."""
+
+    __tablename__ = "consult_participants"
+    __table_args__ = (UniqueConstraint("consult_fk", "user_fk", name="uq_consult_participants_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="CASCADE"))
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    added_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    consult: Mapped[Consult] = relationship(back_populates="participants")
+    user: Mapped[User] = relationship()
+
+
+class ConsultStudy(Base):
+    """A study attached to a consult. Kept as long as the record (10 years): `telepacs verify` reports it if missing."""
+
+    __tablename__ = "consult_studies"
+    __table_args__ = (UniqueConstraint("consult_fk", "study_uid", name="uq_consult_studies_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="RESTRICT"))
+    # The UID, not a key into studies: the attachment outlives a reindex and proves what went missing.
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)  # what was stored when it was attached
+    attached_by_fk: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    attached_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    consult: Mapped[Consult] = relationship(back_populates="studies")
+
+
+class ConsultMessage(Base):
+    """One message in a consult's thread; ``pin_state`` is the viewer's ``getState()`` JSON when an image is pinned.
+
+    ``kind`` is ``text`` for what people write and ``event`` for the thread's own
+    record of state changes (``body`` then holds the event code, e.g. ``accepted``).
+    """
+
+    __tablename__ = "consult_messages"
+    __table_args__ = (Index("ix_consult_messages_consult", "consult_fk", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="CASCADE"))
+    author_fk: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16), default="text")
+    body: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    pin_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pin_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pin_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pin_frame: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1-based, as in the viewer URL
+    pin_viewport: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # wc, ww, zoom, pan, ...
+    pin_annotations: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+
+    author: Mapped[User] = relationship()
+
+
+class ConsultConclusion(Base):
+    """A signed conclusion. Immutable: an amendment is version n+1 pointing at version n."""
+
+    __tablename__ = "consult_conclusions"
+    __table_args__ = (UniqueConstraint("consult_fk", "version", name="uq_consult_conclusions_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="RESTRICT"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    amends_fk: Mapped[int | None] = mapped_column(ForeignKey("consult_conclusions.id"), nullable=True)
+    amendment_reason: Mapped[str] = mapped_column(Text, default="")
+    answers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # [{question_id, position, answer}]
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    recommendation: Mapped[str] = mapped_column(Text, default="")
+    transfer_recommended: Mapped[bool] = mapped_column(Boolean, default=False)
+    transfer_to: Mapped[str] = mapped_column(String(256), default="")
+    signed_by_fk: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    signed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # Copied from the signer's profile at signing: the record must not change when the profile does.
+    signer_name: Mapped[str] = mapped_column(String(256))
+    signer_certificate_number: Mapped[str] = mapped_column(String(64))
+    signer_certificate_scope: Mapped[str] = mapped_column(String(256))
+    signer_facility: Mapped[str] = mapped_column(String(256), default="")
+    content_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the canonical JSON of what was signed
+
+
+class ConsultFollowUp(Base):
+    """What the requesting side decided after the conclusion (``decision``), and later what happened (``outcome``)."""
+
+    __tablename__ = "consult_followups"
+    __table_args__ = (Index("ix_consult_followups_consult", "consult_fk", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))  # decision | outcome
+    follows_advice: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # decisions only
+    text: Mapped[str] = mapped_column(Text)
+    recorded_by_fk: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    recorded_by: Mapped[User] = relationship()
+
+
+class ReviewEvent(Base):
+    """Evidence of review: one image that stayed on a reader's screen, at which window and quality, for how long."""
+
+    __tablename__ = "review_events"
+    __table_args__ = (Index("ix_review_events_consult_user", "consult_fk", "user_fk", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="RESTRICT"))
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    instance_uid: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[int] = mapped_column(Integer, default=1)
+    window_center: Mapped[float | None] = mapped_column(Float, nullable=True)
+    window_width: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quality: Mapped[str] = mapped_column(String(8))  # lossy | full
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsultReadMarker(Base):
+    """How far a user has read a consult's thread (the inbox's unread counts)."""
+
+    __tablename__ = "consult_read_markers"
+
+    consult_fk: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="CASCADE"), primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    last_message_id: Mapped[int] = mapped_column(Integer, default=0)
+    read_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 __all__ = [
     "Base",
     "Facility",
@@ -310,4 +506,13 @@ __all__ = [
     "InstanceReplacement",
     "ForwardCursor",
     "ForwardItem",
+    "Consult",
+    "ConsultQuestion",
+    "ConsultParticipant",
+    "ConsultStudy",
+    "ConsultMessage",
+    "ConsultConclusion",
+    "ConsultFollowUp",
+    "ReviewEvent",
+    "ConsultReadMarker",
 ]

@@ -18,6 +18,11 @@ Which keys are accepted:
   empty);
 * anything else with a value raises :class:`UnsupportedKey`.
 
+For pages of people-facing lists (the study list), :func:`find_page` adds
+sorting (:data:`SORTABLE`), offset/limit and the total count to the same
+matching, and the archive's own return keys (:data:`ARCHIVE_KEYS`: when a
+study arrived).
+
 References
 ----------
 DICOM PS3.4 C.2.2.2 "Attribute Matching", C.3 "Standard Query/Retrieve
@@ -27,16 +32,19 @@ Study Root models).
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import contains_eager, joinedload
+from sqlalchemy.orm import InstrumentedAttribute, contains_eager, joinedload
 from sqlalchemy.sql import util as sql_util
 
 from archive.index import CatalogIndex, IndexUnavailable
 from archive.matching import (
     ATTRIBUTES,
+    ENTITIES,
     InvalidValue,
     Level,
     MatchKey,
@@ -269,5 +277,176 @@ def _rows(index: CatalogIndex, level: Level, stmt: Any, returned: list[str]) -> 
             yield _row_values(entity, level, returned, patient_studies)
 
 
-__all__ = ["BATCH", "COMPUTED", "RETURN_KEYS", "InvalidValue", "Level", "MatchKey", "Row", "StudyScope",
-           "UnsupportedKey", "find", "in_scope"]
+# -- pages: sorted, offset/limit, with the total (the study list) ----------------------------------------
+
+# Return keys that are the archive's own, not DICOM attributes: never sent to a DICOM peer.
+ARCHIVE_KEYS: dict[str, Level] = {
+    "ReceivedAt": Level.STUDY,  # when the study's first instance arrived (aware datetime, UTC)
+}
+
+# What a page can be sorted on: the level of the key and its columns, most significant first.
+# Names sort on their folded form, so that Nguyễn sits with Nguyen whatever the case.
+SORTABLE: dict[str, tuple[Level, tuple[InstrumentedAttribute[Any], ...]]] = {
+    "PatientName": (Level.PATIENT, (Patient.patient_name_folded, Patient.patient_name)),
+    "PatientID": (Level.PATIENT, (Patient.patient_id,)),
+    "PatientBirthDate": (Level.PATIENT, (Patient.birth_date,)),
+    "StudyDate": (Level.STUDY, (Study.study_date, Study.study_time)),
+    "AccessionNumber": (Level.STUDY, (Study.accession_number,)),
+    "StudyDescription": (Level.STUDY, (Study.study_description,)),
+    "ModalitiesInStudy": (Level.STUDY, (Study.modalities_in_study,)),
+    "NumberOfStudyRelatedInstances": (Level.STUDY, (Study.num_instances,)),
+    "ReceivedAt": (Level.STUDY, (Study.received_at,)),
+    "SeriesNumber": (Level.SERIES, (Series.series_number,)),
+    "Modality": (Level.SERIES, (Series.modality,)),
+    "InstanceNumber": (Level.IMAGE, (Instance.instance_number,)),
+}
+
+PageRow = dict[str, str | int | dt.datetime]
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """Sort the rows of a page by ``keyword`` (a key of :data:`SORTABLE`)."""
+
+    keyword: str
+    descending: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of matches: ``rows`` from ``offset`` on (at most ``limit``), of ``total`` matching rows."""
+
+    rows: list[PageRow]
+    total: int
+    offset: int
+    limit: int | None
+
+
+# How each level's rows join the next level up (the joins build_query makes).
+_UP: dict[Level, tuple[Any, Any]] = {
+    Level.IMAGE: (Series, Instance.series_fk == Series.id),
+    Level.SERIES: (Study, Series.study_fk == Study.id),
+    Level.STUDY: (Patient, Study.patient_fk == Patient.id),
+}
+
+
+def _joined_tables(stmt: Any) -> set[Any]:
+    return {table for from_ in stmt.get_final_froms() for table in sql_util.find_tables(from_)}
+
+
+def _join_up_to(stmt: Any, level: Level, top: Level) -> Any:
+    """``stmt`` (rows of ``level``) joined upwards as far as ``top``, adding only the joins it lacks."""
+    joined = _joined_tables(stmt)
+    current = level
+    while current.depth > top.depth:
+        parent, condition = _UP[current]
+        if parent.__table__ not in joined:
+            stmt = stmt.join(parent, condition)
+        current = _LEVEL_ABOVE[current]
+    return stmt
+
+
+_LEVEL_ABOVE = {Level.IMAGE: Level.SERIES, Level.SERIES: Level.STUDY, Level.STUDY: Level.PATIENT}
+
+
+def _ordered(stmt: Any, level: Level, sort: Sequence[SortKey]) -> Any:
+    """``stmt`` ordered by the sort keys, then by row id (a stable order, so pages never overlap)."""
+    columns: list[Any] = []
+    for key in sort:
+        found = SORTABLE.get(key.keyword)
+        if found is None:
+            raise UnsupportedKey(key.keyword, "cannot be sorted on")
+        key_level, key_columns = found
+        if key_level.depth > level.depth:
+            raise UnsupportedKey(key.keyword, f"is a {key_level.value}-level key; "
+                                              f"it cannot sort a {level.value}-level query")
+        stmt = _join_up_to(stmt, level, key_level)
+        columns += [c.desc() if key.descending else c.asc() for c in key_columns]
+    entity = ENTITIES[level]
+    return stmt.order_by(None).order_by(*columns, entity.id)
+
+
+def _archive_value(keyword: str, entity: Any, level: Level) -> str | int | dt.datetime:
+    study = entity if level is Level.STUDY else None
+    if keyword == "ReceivedAt" and study is not None:
+        received: dt.datetime = study.received_at
+        # SQLite keeps no zone: the index writes UTC (models.utcnow).
+        return received if received.tzinfo is not None else received.replace(tzinfo=dt.timezone.utc)
+    return ""
+
+
+def _split_archive_keys(level: Level, keys: Sequence[MatchKey]) -> tuple[list[MatchKey], list[str]]:
+    """(DICOM keys, archive return keys wanted at ``level``); an archive key with a value is refused."""
+    dicom: list[MatchKey] = []
+    archive_keys: list[str] = []
+    for key in keys:
+        key_level = ARCHIVE_KEYS.get(key.keyword)
+        if key_level is None:
+            dicom.append(key)
+            continue
+        if key.value.strip(" \0"):
+            raise UnsupportedKey(key.keyword, "is a return key only; it cannot be matched")
+        if key_level.depth <= level.depth:
+            archive_keys.append(key.keyword)
+    return dicom, archive_keys
+
+
+def find_page(index: CatalogIndex, level: str | Level, keys: Sequence[MatchKey], *, fuzzy: bool = False,
+              scope: StudyScope | None = None, sort: Sequence[SortKey] = (), offset: int = 0,
+              limit: int | None = None) -> Page:
+    """One sorted page of the rows :func:`find` would match, and how many match in all.
+
+    Parameters
+    ----------
+    index, level, keys, fuzzy, scope
+        As for :func:`find` (the same matching, the same visibility). ``keys`` may also name the
+        archive's own return keys (:data:`ARCHIVE_KEYS`, e.g. ``ReceivedAt``)
+        with an empty value.
+    sort
+        Keys of :data:`SORTABLE` at ``level`` or above, most significant first;
+        ties (and an empty ``sort``) are broken by the order rows were indexed in.
+    offset, limit
+        Skip ``offset`` matching rows, return at most ``limit`` (``None``: all).
+
+    Raises
+    ------
+    UnsupportedKey, InvalidValue
+        As for :func:`find`; also a key that cannot be sorted on, a negative
+        ``offset`` or a ``limit`` under 1.
+    IndexUnavailable
+        The database failed.
+    """
+    if offset < 0:
+        raise InvalidValue("offset", str(offset), "must be 0 or more")
+    if limit is not None and limit < 1:
+        raise InvalidValue("limit", str(limit), "must be 1 or more")
+    level = parse_level(level)
+    dicom_keys, archive_keys = _split_archive_keys(level, keys)
+    matching, returned = _sort_keys(level, dicom_keys)
+    base = in_scope(build_query(level, matching, fuzzy=fuzzy), level, scope)
+    counted = select(func.count()).select_from(base.order_by(None).subquery())
+    stmt = _with_parents(_ordered(base, level, sort), level).offset(offset).limit(limit)
+    try:
+        with index.session() as session:
+            total = session.scalar(counted) or 0
+            counts: dict[int, int] = {}
+
+            def patient_studies(patient_id: int) -> int:
+                if patient_id not in counts:
+                    counts[patient_id] = session.scalar(
+                        select(func.count(Study.id)).where(Study.patient_fk == patient_id)) or 0
+                return counts[patient_id]
+
+            rows: list[PageRow] = []
+            for entity in session.execute(stmt).unique().scalars():
+                row: PageRow = dict(_row_values(entity, level, returned, patient_studies))
+                for keyword in archive_keys:
+                    row[keyword] = _archive_value(keyword, entity, level)
+                rows.append(row)
+    except SQLAlchemyError as exc:
+        raise IndexUnavailable(f"index query failed: {exc.__class__.__name__}: {exc}") from None
+    return Page(rows, total, offset, limit)
+
+
+__all__ = ["ARCHIVE_KEYS", "BATCH", "COMPUTED", "RETURN_KEYS", "SORTABLE", "InvalidValue", "Level", "MatchKey",
+           "Page", "PageRow", "Row", "SortKey", "StudyScope", "UnsupportedKey", "find", "find_page", "in_scope"]

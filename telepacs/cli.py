@@ -283,13 +283,20 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from viewer.consults.service import missing_attached_studies  # records kept 10 years: their studies too
+
     archive = Archive.open(_settings(args))
     try:
         total = archive.index.counts()["instances"]
         with tqdm(total=total, unit="instance", desc="verify", disable=args.quiet) as bar:
             report = archive.verify(progress=bar.update, checksums=not args.quick)
+        with archive.index.session() as session:
+            lost = missing_attached_studies(session)
     finally:
         archive.close()
+    for consult_id, study_uid, attached, now in lost:
+        print(f"CONSULT  consult {consult_id}: study {study_uid} had {attached} instances when attached, "
+              f"{now} now in the catalogue")
     for key in report.missing:
         print(f"MISSING  {key}")
     for key in report.corrupt:
@@ -297,8 +304,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for key in report.orphaned:
         print(f"ORPHANED {key}")
     print(f"checked: {report.checked}, missing: {len(report.missing)}, corrupt: {len(report.corrupt)}, "
-          f"orphaned: {len(report.orphaned)}")
-    return 0 if report.ok else 1
+          f"orphaned: {len(report.orphaned)}, consult studies incomplete: {len(lost)}")
+    return 0 if report.ok and not lost else 1
 
 
 def cmd_orthanc(args: argparse.Namespace) -> int:

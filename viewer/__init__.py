@@ -19,15 +19,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
 
     from viewer.auth import init_auth
+    from viewer.consults.views import bp as consults
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
     from viewer.reader import bp as reader
+    from viewer.ui import bp as ui
+    from viewer.ui import local_timezone
 
+    app.config.setdefault("BABEL_DEFAULT_TIMEZONE", local_timezone())  # times on pages: the hospital's clock
     init_i18n(app)
     init_auth(app)  # first before_request hook: deny by default
     app.register_blueprint(dicomweb)
     app.register_blueprint(ohif)
+    app.register_blueprint(ui)
+    app.register_blueprint(consults)
     app.register_blueprint(reader)
 
     @app.get("/openapi.json")

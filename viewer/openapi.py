@@ -118,6 +118,9 @@ def openapi_document() -> dict[str, Any]:
     }
     paths["/healthz"]["get"]["security"] = []  # public: load balancers and the test fixtures poll it
     paths.update(_page_paths())
+    from viewer.consults.openapi import consult_paths
+
+    paths.update(consult_paths())
     from viewer.reader import openapi_paths as reader_paths
 
     paths.update(reader_paths())
@@ -141,7 +144,8 @@ REDIRECT = {"description": "Found (redirect)"}
 
 
 def _page_paths() -> dict[str, Any]:
-    """The pages of people (log in, log out, password, language): HTML forms, not an API, listed for completeness."""
+    """The pages of people (study list, log in, log out, password, language): HTML, not an API, listed for
+    completeness."""
     public: list[dict[str, Any]] = []  # no security: reachable without logging in
     form = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}}}
     return {
@@ -161,6 +165,26 @@ def _page_paths() -> dict[str, Any]:
                      "responses": {"200": {"description": "changed", **HTML},
                                    "400": {"description": "refused", **HTML}}},
         },
+        "/": {"get": {
+            "summary": "The study list: search, sorted, a page at a time (the state is in the query string)",
+            "parameters": [
+                _query("name", {"type": "string", "maxLength": 64}, "patient name: words in order, each a prefix, "
+                       "case- and accent-insensitive; * and ? wildcards"),
+                _query("patient_id", {"type": "string", "maxLength": 64}, "patient ID prefix (or wildcards)"),
+                _query("accession", {"type": "string", "maxLength": 64}, "accession number prefix (or wildcards)"),
+                _query("from", {"type": "string", "format": "date"}, "study date from (YYYY-MM-DD)"),
+                _query("to", {"type": "string", "format": "date"}, "study date to (YYYY-MM-DD)"),
+                _query("modality", {"type": "string", "pattern": "^[A-Za-z0-9]{0,16}$"}, "a modality in the study"),
+                _query("description", {"type": "string", "maxLength": 64}, "study description contains"),
+                _query("sort", {"type": "string", "enum": ["date", "name", "id", "modality", "received"]},
+                       "sort column (default received)"),
+                _query("dir", {"type": "string", "enum": ["asc", "desc"]}, "sort direction"),
+                _query("page", {"type": "integer", "minimum": 1}, "page number (from 1)"),
+                _query("size", {"type": "integer", "enum": [10, 25, 50, 100]}, "studies per page (default 25)"),
+            ],
+            "responses": {"200": {"description": "OK", **HTML}, "302": REDIRECT,
+                          "400": {"description": "a bad parameter: the page says which", **HTML},
+                          "503": {"description": "the index is not answering", **HTML}}}},
         "/lang/{code}": {"get": {
             "summary": "Choose the interface language (a cookie), then go back", "security": public,
             "parameters": [{"name": "code", "in": "path", "required": True, "schema": {"type": "string"}},
