@@ -32,7 +32,7 @@ _STUDY = (
 _STUDY_SERIES = (
     select(_SERIES.c.series_uid, _SERIES.c.series_number, _SERIES.c.modality, _SERIES.c.series_description,
            _SERIES.c.body_part_examined, _SERIES.c.num_instances,
-           func.coalesce(func.sum(_INSTANCES.c.number_of_frames), 0))
+           func.coalesce(func.sum(_INSTANCES.c.number_of_frames), 0), func.count(_INSTANCES.c.rows))
     .outerjoin(_INSTANCES, _INSTANCES.c.series_fk == _SERIES.c.id)
     .where(_SERIES.c.study_fk == bindparam("study_id"))
     .group_by(_SERIES.c.id, _SERIES.c.series_uid, _SERIES.c.series_number, _SERIES.c.modality,
@@ -73,6 +73,7 @@ class SeriesEntry:
     body_part: str
     instances: int
     frames: int
+    images: int  # instances with pixels (Rows known): an SR, KO or PR has none
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def study_header(index: CatalogIndex, study_uid: str) -> StudyHeader | None:
         return None
     (study_id, uid, date, time, description, accession, modalities, facility, name, patient_id, sex,
      birth_date) = rows[0]
-    series = [SeriesEntry(r[0], r[1], r[2] or "", r[3] or "", r[4] or "", int(r[5] or 0), int(r[6] or 0))
+    series = [SeriesEntry(r[0], r[1], r[2] or "", r[3] or "", r[4] or "", int(r[5] or 0), int(r[6] or 0), int(r[7] or 0))
               for r in _run(index, _STUDY_SERIES, {"study_id": study_id})]
     return StudyHeader(uid, name or "", patient_id or "", sex or "", birth_date or "", date or "", time or "",
                        description or "", accession or "", modalities or "", facility, series)

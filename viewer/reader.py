@@ -122,8 +122,8 @@ def _study_json(header: StudyHeader) -> dict[str, Any]:
         "accession": header.accession_number, "modalities": header.modalities,
         "series": [
             {"uid": s.series_uid, "number": s.number, "modality": s.modality, "description": s.description,
-             "body_part": s.body_part, "instances": s.instances, "frames": s.frames,
-             "thumbnail": base + s.series_uid + "/thumbnail"}
+             "body_part": s.body_part, "instances": s.instances, "frames": s.frames, "images": s.images,
+             "thumbnail": base + s.series_uid + "/thumbnail" if s.images else None}
             for s in header.series
         ],
     }
@@ -243,7 +243,8 @@ def stack_of(listing: SeriesListing) -> list[tuple[int, int]]:
 
     A multi-frame instance (US cine, XA, enhanced CT/MR) contributes its frames as slices.
     """
-    return [(number, frame) for number, inst in enumerate(listing.instances) for frame in range(1, inst.frames + 1)]
+    return [(number, frame) for number, inst in enumerate(listing.instances) if inst.rows is not None
+            for frame in range(1, inst.frames + 1)]
 
 
 def start_position(listing: SeriesListing, instance: str | None, frame_text: str | None) -> int:
@@ -296,15 +297,20 @@ def viewer_page(study: str) -> ResponseReturnValue:
     if not wanted_series and instance:
         wanted_series = series_of_instance(index, study, instance) or ""
     known = {s.series_uid for s in header.series}
-    series_uid = wanted_series if wanted_series in known else header.series[0].series_uid
+    with_images = [s.series_uid for s in header.series if s.images] or [header.series[0].series_uid]
+    series_uid = wanted_series if wanted_series in known else with_images[0]
     listing = series_listing(index, series_uid)
     if listing is None or not listing.instances:
         return _not_found_page(gettext("Series %(uid)s has no images.", uid=series_uid))
-    start = start_position(listing, instance, request.args.get("frame"))
-    number, frame = stack_of(listing)[start]
-    first = listing.instances[number]
     note_study_viewed(study, "viewer")
+    stack = stack_of(listing)
+    start = start_position(listing, instance, request.args.get("frame")) if stack else 0
     data = {"study": _study_json(header), "series": series_json(listing), "start": start}
+    if not stack:  # no image to show (e.g. a structured report): the page says so, asks the renderer nothing
+        return render_template("viewer.html", data=data, preload=None, study=header, show_first=False,
+                               consult=request.args.get("consult"))
+    number, frame = stack[start]
+    first = listing.instances[number]
     preload = preview_url(listing, first, frame, _first_window(first, request.args))
     # The plain <img> preview matches the canvas only for the default view of square pixels.
     view_args = ("zoom", "panx", "pany", "invert", "rotate", "flip")

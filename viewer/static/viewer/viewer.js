@@ -98,6 +98,7 @@ class Series {
     this.instances = json.instances.map((inst) => ({ ...json.common, ...inst }));
     this.stack = [];
     this.instances.forEach((inst, i) => {
+      if (inst.rows == null) return; // no pixels (SR, KO, PR...): nothing to render
       for (let f = 1; f <= (inst.frames || 1); f++) this.stack.push({ inst, instIndex: i, frame: f });
     });
     this.normal = normalOf(this.instances[0] && this.instances[0].iop);
@@ -208,6 +209,11 @@ class Viewport {
   // -- series and slices ----------------------------------------------------------------------------
   setSeries(series, start = null) {
     this.generation += 1;
+    if (!series.stack.length) {
+      this.series = null;
+      this.viewer.status(_('This series has no images.'));
+      return;
+    }
     this.series = series;
     for (const s of this.slices) if (s && s.bitmap) s.bitmap.close();
     this.slices = series.stack.map(() => null);
@@ -950,7 +956,8 @@ class Viewer {
     const list = $('series-list');
     if (!list.children.length) {
       for (const s of STUDY.series) {
-        const img = el('img', { src: s.thumbnail, alt: '', loading: 'lazy', width: '128', height: '128' });
+        const img = s.thumbnail ? el('img', { src: s.thumbnail, alt: '', loading: 'lazy', width: '128', height: '128' })
+          : el('div', { class: 'meta' }, _('No images'));
         const count = s.frames > s.instances ? `${s.instances} ${T.images}, ${s.frames} ${T.frames}` : `${s.instances} ${T.images}`;
         const li = el('li', { 'data-series': s.uid, title: s.description || s.uid }, img,
           el('div', { class: 'meta' }, `${s.number ?? ''} ${s.modality} · ${count}`),
@@ -1266,8 +1273,9 @@ if (PARAMS.get('wc') && PARAMS.get('ww') && Number(PARAMS.get('ww')) >= 1) {
 seriesCache.get(DATA.series.uid).then((series) => {
   const start = DATA.start;
   first.setSeries(series, start);
+  viewer.renderSeriesList();
   const item = series.stack[start];
-  for (const a of first.annotations) if (!a.sop) { a.sop = item.inst.sop; a.frame = item.frame; }
+  if (item) for (const a of first.annotations) if (!a.sop) { a.sop = item.inst.sop; a.frame = item.frame; }
   first.resize();
   viewer.activate(first);
   first.root.classList.add('active');
