@@ -101,9 +101,10 @@ def loaded_web(tmp_path_factory: pytest.TempPathFactory, ct_part10_dir: Path) ->
         archive.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's chromium through Playwright, headless."""
+    """Debian's chromium through Playwright, headless. Per module: Playwright's sync API allows one running
+    instance at a time, and other test modules here start their own."""
     if not CHROMIUM.exists():
         _require("chromium", f"{CHROMIUM} not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
