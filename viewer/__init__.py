@@ -23,6 +23,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from viewer.dicomweb import bp as dicomweb
     from viewer.i18n import init_i18n
     from viewer.ohif import bp as ohif
+    from viewer.reader import bp as reader
     from viewer.ui import bp as ui
     from viewer.ui import local_timezone
 
@@ -33,6 +34,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(ohif)
     app.register_blueprint(ui)
     app.register_blueprint(consults)
+    app.register_blueprint(reader)
 
     @app.get("/openapi.json")
     def openapi() -> ResponseReturnValue:

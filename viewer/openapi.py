@@ -121,6 +121,9 @@ def openapi_document() -> dict[str, Any]:
     from viewer.consults.openapi import consult_paths
 
     paths.update(consult_paths())
+    from viewer.reader import openapi_paths as reader_paths
+
+    paths.update(reader_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "telepacs", "version": "0.1",
