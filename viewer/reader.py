@@ -16,6 +16,7 @@ import gzip
 import json
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response, render_template, request
@@ -26,7 +27,7 @@ from archive.index import IndexUnavailable
 from archive.keys import InvalidUID, validate_uid
 from archive.reading import DisplayInstance, SeriesListing, StudyHeader, series_listing, series_of_instance, study_header
 from storage import ObjectNotFound, StorageError
-from viewer.auth import note_study_viewed
+from viewer.auth import note_study_viewed, served_pseudonyms
 from viewer.deps import get_archive
 from viewer.measure import ellipse_mask, region_stats
 from viewer.render import RenderError, decode_frame, load_dataset
@@ -170,9 +171,20 @@ def series_json(listing: SeriesListing) -> dict[str, Any]:
 # -- API ---------------------------------------------------------------------------------------------
 
 
+def _as_served(header: StudyHeader | None) -> StudyHeader | None:
+    """The header as the current user may see it: a consult's de-identifying observer gets the pseudonym."""
+    if header is None:
+        return None
+    pseudonym = served_pseudonyms().get(header.study_uid)
+    if pseudonym is None:
+        return header
+    return replace(header, patient_name=pseudonym, patient_id=pseudonym, patient_birth_date="",
+                   accession_number="")
+
+
 @bp.get("/api/viewer/studies/<study>")
 def study_api(study: str) -> ResponseReturnValue:
-    header = study_header(get_archive().index, _uid(study, "StudyInstanceUID"))
+    header = _as_served(study_header(get_archive().index, _uid(study, "StudyInstanceUID")))
     if header is None:
         log.info("viewer: study %s not found (from %s)", study, request.remote_addr)
         return _error(404, f"study {study} is not in the archive")
@@ -289,7 +301,7 @@ def viewer_page(study: str) -> ResponseReturnValue:
     except InvalidUID as exc:
         return _not_found_page(gettext("This is not a valid study identifier: %(error)s", error=str(exc)), 400)
     index = get_archive().index
-    header = study_header(index, study)
+    header = _as_served(study_header(index, study))
     if header is None or not header.series:
         return _not_found_page(gettext("Study %(uid)s is not in the archive.", uid=study))
     wanted_series = request.args.get("series") or ""

@@ -86,3 +86,28 @@ def test_observer_study_list_shows_the_pseudonym(web, ct_part10_dir):
     assert str(original.PatientName).split("^")[0] not in page.text
     doctor_page = web.login("bs.lan", "Doctor-pass-123").get(web.url + "/", timeout=30)
     assert str(original.PatientID) in doctor_page.text and pseudonym not in doctor_page.text
+
+
+def test_observer_viewer_header_shows_the_pseudonym(web, ct_part10_dir):
+    path = dicom_files(ct_part10_dir)[0]
+    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
+    original = pydicom.dcmread(path)
+    study = str(original.StudyInstanceUID)
+    web.add_facility("HUB", tier="central")
+    web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
+    observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
+    with web.archive.index.write_session() as session, session.begin():
+        consult = svc.create_consult(session, _user(session, "bs.lan"), request_for(study_uids=[study]))
+        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
+        pseudonym = f"CONSULT-{consult.id}"
+
+    observer = web.token_session(observer_token)
+    header = observer.get(f"{web.url}/api/viewer/studies/{study}", timeout=30)
+    assert header.status_code == 200
+    assert header.json()["patient"] == {"name": pseudonym, "id": pseudonym, "sex": header.json()["patient"]["sex"],
+                                        "birth_date": ""}
+    page = web.login("hv.an", "Observer-pass-123").get(f"{web.url}/viewer/{study}", timeout=30)
+    assert page.status_code == 200 and pseudonym in page.text
+    assert str(original.PatientID) not in page.text
+    admin_header = web.http.get(f"{web.url}/api/viewer/studies/{study}", timeout=30).json()
+    assert admin_header["patient"]["id"] == str(original.PatientID)
