@@ -80,6 +80,10 @@ def setting(module_web) -> Setting:
     return Setting(web, study, series, instance, owner, other, _uids(theirs)[0])
 
 
+# Routes that answer 400 without their query parameters: the values a valid request carries.
+REQUIRED_QUERIES = {"/api/viewer/roi/": "?x0=1&y0=1&x1=4&y1=4"}
+
+
 def _url(setting: Setting, rule: str) -> str:
     values = {**FILLERS}
     for name in STUDY_PARAMS:
@@ -94,7 +98,8 @@ def _url(setting: Setting, rule: str) -> str:
         name = spec.split(":")[-1]
         assert name in values, f"route {rule}: no test value for parameter {name!r} (add it to FILLERS)"
         path = path.replace(f"<{spec}>", str(values[name]))
-    return setting.web.url + path
+    query = next((q for prefix, q in REQUIRED_QUERIES.items() if rule.startswith(prefix)), "")
+    return setting.web.url + path + query
 
 
 def _is_api(rule: str) -> bool:
@@ -212,6 +217,7 @@ def test_a_consult_participant_sees_the_attached_study(tmp_path, monkeypatch):
 
     fake = types.ModuleType("viewer.consults.service")
     fake.study_uids_for_participant = study_uids_for_participant  # type: ignore[attr-defined]
+    fake.observer_pseudonym = lambda session, user_id, study_uid: None  # type: ignore[attr-defined]  # a participant, not an observer
     monkeypatch.setitem(sys.modules, "viewer.consults", types.ModuleType("viewer.consults"))
     monkeypatch.setitem(sys.modules, "viewer.consults.service", fake)
     from viewer.auth import access
