@@ -125,10 +125,6 @@ def _shot(page: Any, name: str) -> Path:
     return path
 
 
-def _has_viewer(page: Any, url: str, study: str) -> bool:
-    return page.request.get(f"{url}/viewer/{study}").status == 200
-
-
 def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     url, archive = server
     errors: list[str] = []
@@ -198,42 +194,29 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     assert "accept" not in [b.get_attribute("id") for b in hung.locator("#actions button").all()]
 
     length = {"type": "length", "points": [[120, 250], [380, 250]]}
-    series_uid = str(pydicom.dcmread(files[4], stop_before_pixels=True).SeriesInstanceUID)
-    with_viewer = _has_viewer(hung, url, study_uid)
-    if with_viewer:
-        hung.goto(f"{url}/viewer/{study_uid}?consult={consult_id}")
-        hung.wait_for_function("window.telepacsViewer && document.body.dataset.firstImageMs")
-        hung.evaluate("""(ann) => { telepacsViewer.scrollTo(4);
-            telepacsViewer.setState({wc: 40, ww: 120, annotations: [ann]}); }""", length)
-        hung.wait_for_function("telepacsViewer.getState().ww == 120 && telepacsViewer.getState().annotations.length")
-        pinned_state = hung.evaluate("telepacsViewer.getState()")
-        hung.fill("#cp-text", "Máu tụ ngoài màng cứng, đo bề dày.")
-        hung.click("#cp-pin")
-        hung.wait_for_function("document.getElementById('consult-panel').dataset.lastMessage")
-        _shot(hung, "04-specialist-viewer-pinned")
-    else:  # the reader branch is not merged yet: pin the same state through the panel's API
-        instance_uid = str(pydicom.dcmread(files[4], stop_before_pixels=True).SOPInstanceUID)
-        pinned_state = {"series": series_uid, "instance": instance_uid, "frame": 1, "wc": 40, "ww": 120,
-                        "zoom": 1, "panx": 0, "pany": 0, "annotations": [length], "quality": "full"}
-        token = hung.locator('input[name=csrf_token]').first.get_attribute("value")
-        answer = hung.request.post(f"{url}/consults/{consult_id}/messages",
-                                   headers={"X-CSRF-Token": token, "Content-Type": "application/json"},
-                                   data=json.dumps({"text": "Máu tụ ngoài màng cứng, đo bề dày.",
-                                                    "pin": {**pinned_state, "study": study_uid}}),
-                                   )
-        assert answer.status == 201, answer.text()
+    hung.goto(f"{url}/viewer/{study_uid}?consult={consult_id}")
+    hung.wait_for_function("window.telepacsViewer && document.body.dataset.firstImageMs")
+    hung.evaluate("""(ann) => { telepacsViewer.scrollTo(4);
+        telepacsViewer.setState({wc: 40, ww: 120, annotations: [ann]}); }""", length)
+    hung.wait_for_function("telepacsViewer.getState().ww == 120 && telepacsViewer.getState().annotations.length")
+    pinned_state = hung.evaluate("telepacsViewer.getState()")
+    hung.fill("#cp-text", "Máu tụ ngoài màng cứng, đo bề dày.")
+    hung.click("#cp-pin")
+    hung.wait_for_function("document.getElementById('consult-panel').dataset.lastMessage")
+    _shot(hung, "04-specialist-viewer-pinned")
 
     # -- conclusion, signed -----------------------------------------------------------------------
     hung.goto(f"{url}/consults/{consult_id}")
-    if with_viewer:  # leaving the viewer sent what was on screen: the review evidence
-        deadline = time.monotonic() + 15
-        while not hung.locator("section[aria-labelledby=reviews-h] tbody tr").count():
-            assert time.monotonic() < deadline, "no review evidence recorded from the viewer"
-            hung.wait_for_timeout(250)
-            hung.reload()
-        rows = hung.locator("section[aria-labelledby=reviews-h] tbody tr").all_inner_texts()
-        assert all("TS.BS. Trần Văn Hùng" in r for r in rows)
-        assert any(pinned_state["instance"][-16:] in r and "40/120" in r for r in rows), rows  # the pinned view
+    # leaving the viewer sent what was on screen: the review evidence
+    deadline = time.monotonic() + 15
+    while not hung.locator("section[aria-labelledby=reviews-h] tbody tr").count():
+        assert time.monotonic() < deadline, "no review evidence recorded from the viewer"
+        hung.wait_for_timeout(250)
+        hung.reload()
+    rows = hung.locator("section[aria-labelledby=reviews-h] tbody tr").all_inner_texts()
+    assert all("TS.BS. Trần Văn Hùng" in r for r in rows)
+    assert any(pinned_state["instance"][-16:] in r and "40/120" in r for r in rows), rows  # the pinned view
+
     for area in hung.locator("#conclusion-form textarea[name^=answer-]").all():
         area.fill("Có: máu tụ ngoài màng cứng thái dương phải.")
     hung.fill("textarea[name=findings]", "Máu tụ ngoài màng cứng thái dương phải dày 12 mm.")
@@ -260,15 +243,14 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     assert float(query["ww"][0]) == 120 and float(query["wc"][0]) == 40 and query["consult"] == [str(consult_id)]
     ann = json.loads(base64.urlsafe_b64decode(query["ann"][0] + "=" * (-len(query["ann"][0]) % 4)))
     assert ann == [length]
-    if with_viewer:
-        pin.click()
-        doctor.wait_for_function("window.telepacsViewer && document.body.dataset.firstImageMs")
-        doctor.wait_for_function("telepacsViewer.getState().annotations.length == 1")
-        shown = doctor.evaluate("telepacsViewer.getState()")
-        assert (shown["instance"], shown["frame"]) == (pinned_state["instance"], pinned_state["frame"])
-        assert (float(shown["wc"]), float(shown["ww"])) == (40.0, 120.0)
-        assert [{"type": a["type"], "points": a["points"]} for a in shown["annotations"]] == [length]
-        _shot(doctor, "07-doctor-viewer-same-state")
+    pin.click()
+    doctor.wait_for_function("window.telepacsViewer && document.body.dataset.firstImageMs")
+    doctor.wait_for_function("telepacsViewer.getState().annotations.length == 1")
+    shown = doctor.evaluate("telepacsViewer.getState()")
+    assert (shown["instance"], shown["frame"]) == (pinned_state["instance"], pinned_state["frame"])
+    assert (float(shown["wc"]), float(shown["ww"])) == (40.0, 120.0)
+    assert [{"type": a["type"], "points": a["points"]} for a in shown["annotations"]] == [length]
+    _shot(doctor, "07-doctor-viewer-same-state")
 
     # -- an observer of a third facility sees it de-identified -----------------------------------
     doctor.goto(f"{url}/consults/{consult_id}")
