@@ -320,7 +320,8 @@ def viewer_page(study: str) -> ResponseReturnValue:
     data = {"study": _study_json(header), "series": series_json(listing), "start": start}
     if not stack:  # no image to show (e.g. a structured report): the page says so, asks the renderer nothing
         return render_template("viewer.html", data=data, preload=None, study=header, show_first=False,
-                               consult=request.args.get("consult"))
+                               consult=request.args.get("consult"),
+                           deidentified=study in served_pseudonyms())
     number, frame = stack[start]
     first = listing.instances[number]
     preload = preview_url(listing, first, frame, _first_window(first, request.args))
@@ -329,7 +330,8 @@ def viewer_page(study: str) -> ResponseReturnValue:
     square = first.pixel_spacing is None or abs(first.pixel_spacing[0] - first.pixel_spacing[1]) < 1e-6
     show_first = square and not any(request.args.get(k) for k in view_args)
     return render_template("viewer.html", data=data, preload=preload, study=header, show_first=show_first,
-                           consult=request.args.get("consult"))
+                           consult=request.args.get("consult"),
+                           deidentified=study in served_pseudonyms())
 
 
 def openapi_paths() -> dict[str, Any]:

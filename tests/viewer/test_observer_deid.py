@@ -107,7 +107,8 @@ def test_observer_viewer_header_shows_the_pseudonym(web, ct_part10_dir):
     assert header.json()["patient"] == {"name": pseudonym, "id": pseudonym, "sex": header.json()["patient"]["sex"],
                                         "birth_date": ""}
     page = web.login("hv.an", "Observer-pass-123").get(f"{web.url}/viewer/{study}", timeout=30)
-    assert page.status_code == 200 and pseudonym in page.text
+    assert page.status_code == 200 and pseudonym in page.text and 'id="deid-note"' in page.text
     assert str(original.PatientID) not in page.text
+    assert 'id="deid-note"' not in web.login("bs.lan", "Doctor-pass-123").get(f"{web.url}/viewer/{study}").text
     admin_header = web.http.get(f"{web.url}/api/viewer/studies/{study}", timeout=30).json()
     assert admin_header["patient"]["id"] == str(original.PatientID)
