@@ -8,7 +8,6 @@ leaves the origin. Screenshots go to ``test-output/e2e/<test name>/`` (gitignore
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from archive.service import Archive
 from helpers import FMRI_DIR, MR_STUDY_DIR, REPO, TS_DIR, dicom_files, make_settings
 from tests.e2e import phantoms
 from tests.peers import free_port
-from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD, WebServer, _wait_healthy, seed_admin
+from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD, WebServer, _wait_healthy, seed_admin, stop_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "e2e"
@@ -92,12 +91,7 @@ def loaded_web(tmp_path_factory: pytest.TempPathFactory, ct_part10_dir: Path) ->
         _wait_healthy(loaded.url, proc, loaded.log)
         yield loaded
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         archive.close()
 
 

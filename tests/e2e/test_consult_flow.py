@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -32,9 +31,8 @@ from archive.models import Facility, User
 from archive.service import Archive
 from helpers import REPO, dicom_files, make_settings
 from tests.peers import free_port
-from tests.viewer.conftest import _wait_healthy
+from tests.viewer.conftest import _wait_healthy, stop_server
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "e2e" / "consult_flow"
 PASSWORD = "mật khẩu đủ dài 2026"
 USERS = {  # username: (role, facility, display name, specialty, certificate number, scope)
@@ -72,29 +70,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Arch
         _wait_healthy(url, proc, log)
         yield url, archive
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         archive.close()
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        if os.environ.get("TELEPACS_REQUIRE_BROWSER"):
-            pytest.fail(f"{CHROMIUM} not installed (TELEPACS_REQUIRE_BROWSER is set)")
-        pytest.skip(f"{CHROMIUM} not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _login(chromium: Any, url: str, username: str, errors: list[str]) -> Any:
@@ -125,14 +102,14 @@ def _shot(page: Any, name: str) -> Path:
     return path
 
 
-def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
+def test_consult_flow(server, browser, ct_part10_dir, tmp_path):
     url, archive = server
     errors: list[str] = []
     files = dicom_files(ct_part10_dir)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
     # -- the district doctor uploads the study; the link drops once -------------------------------
-    doctor = _login(chromium, url, "bs.lan", errors)
+    doctor = _login(browser, url, "bs.lan", errors)
     doctor.goto(url + "/consults/new")
     stow_bodies: list[int] = []
     dropped: list[str] = []
@@ -180,7 +157,7 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
             specialty="radiology", study_uids=[study_uid]))
 
     # -- the specialist: inbox, accept, pin a slice with a measurement -----------------------------
-    hung = _login(chromium, url, "ts.hung", errors)
+    hung = _login(browser, url, "ts.hung", errors)
     hung.goto(url + "/consults")
     first = hung.locator("#inbox tbody tr").first
     assert first.get_attribute("data-consult") == str(consult_id)
@@ -258,7 +235,7 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
                          .get_attribute("value"))
     doctor.click("#add-observer")
     doctor.wait_for_load_state()
-    observer = _login(chromium, url, "hv.an", errors)
+    observer = _login(browser, url, "hv.an", errors)
     observer.goto(f"{url}/consults/{consult_id}")
     body = observer.locator("main").inner_text()
     assert "Lò Văn Páo" not in body and "MT-0001" not in body and f"CONSULT-{consult_id}" in body
@@ -274,7 +251,7 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
             f"{base}/series/{series}/instances/{instance}/frames/1",
             f"{base}/series/{series}/instances/{instance}/rendered",
             f"{base}/series/{series}/instances/{instance}/thumbnail", f"{base}/thumbnail", f"{base}/rendered"]
-    stranger = _login(chromium, url, "bs.la", errors)
+    stranger = _login(browser, url, "bs.la", errors)
     for target in urls:
         assert stranger.request.get(target).status == 404, target
     assert stranger.request.get(f"{url}/consults/{consult_id}").status == 404
@@ -314,7 +291,7 @@ def test_consult_flow(server, chromium, ct_part10_dir, tmp_path):
     assert not errors, errors
 
 
-def test_zip_upload_reports_what_is_not_dicom(server, chromium, ct_part10_dir, tmp_path):
+def test_zip_upload_reports_what_is_not_dicom(server, browser, ct_part10_dir, tmp_path):
     """A zip from the browser: its DICOM files are stored and confirmed, the rest named with the reason."""
     import zipfile
 
@@ -325,7 +302,7 @@ def test_zip_upload_reports_what_is_not_dicom(server, chromium, ct_part10_dir, t
         for f in dicom_files(ct_part10_dir)[:2]:
             z.write(f, f"CT/{f.name}")
         z.writestr("CT/ghi-chu.txt", "không phải DICOM")
-    doctor = _login(chromium, url, "bs.lan", errors)
+    doctor = _login(browser, url, "bs.lan", errors)
     doctor.goto(url + "/consults/new")
     doctor.set_input_files("#upload-zip", str(archive_zip))
     doctor.wait_for_function("document.body.dataset.uploadDone === '1'", timeout=60_000)

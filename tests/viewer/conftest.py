@@ -125,6 +125,16 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
     raise RuntimeError(f"gunicorn did not answer /healthz within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server this test run started (SIGTERM, then SIGKILL after 20 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebServer]:
     """telepacs' web app under gunicorn (gthread workers, as `telepacs serve` runs it) on a free port."""
@@ -157,10 +167,5 @@ def serve_web(tmp_path: Path) -> Iterator[WebServer]:
         _wait_healthy(url, proc, log)
         yield WebServer(url, archive, log, token)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         archive.close()
