@@ -113,7 +113,7 @@ class Settings:
     dicom_fast_store: bool = True
     http_host: str = "127.0.0.1"
     http_port: int = 8042
-    render_cache_mb: int = 256  # per web process: decoded frames and rendered images (LRU)
+    render_cache_mb: int = 128  # per web process: decoded frames and rendered images (LRU)
     public_url: str = ""  # how clients reach the web app (e.g. behind a proxy); empty: from each request's Host
     db_url: str = ""
     storage_url: str = ""
@@ -451,7 +451,7 @@ def _build(raw: Mapping[str, Any]) -> Settings:
         dicom_fast_store=_bool("dicom fast_store", raw.get("dicom_fast_store", True)),
         http_host=str(raw.get("http_host", "127.0.0.1")),
         http_port=_port("HTTP port", raw.get("http_port", 8042)),
-        render_cache_mb=_non_negative_int("render cache MB", raw.get("render_cache_mb", 256)),
+        render_cache_mb=_non_negative_int("render cache MB", raw.get("render_cache_mb", 128)),
         public_url=_public_url(str(raw.get("public_url", ""))),
         db_url=str(raw.get("db_url") or f"sqlite:///{data_dir / 'index.sqlite3'}"),
         storage_url=str(raw.get("storage_url") or (data_dir / "objects").as_uri()),

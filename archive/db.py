@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -58,16 +60,26 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+def load_json(text: str | bytes) -> Any:
+    """The JSON columns' reader: orjson (several times faster on a 300-instance series listing), with the
+    standard library for what orjson refuses (NaN and Infinity, which ``json.dumps`` writes)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     url = normalise_db_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, echo=echo, json_deserializer=load_json,
+                               connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10,
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10, json_deserializer=load_json,
                          connect_args={"options": f"-c random_page_cost={POSTGRES_RANDOM_PAGE_COST}"})
 
 

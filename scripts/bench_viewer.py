@@ -184,11 +184,17 @@ class TelepacsServer:
         self._cli("import", "--quiet", *map(str, files))
         return time.perf_counter() - t0
 
+    @property
+    def config_args(self) -> list[str]:
+        """`telepacs serve`'s gunicorn settings module (each worker warms up first), in checkouts that have it."""
+        return ["--config", "python:viewer.gunicorn_conf"] if (self.repo / "viewer" / "gunicorn_conf.py").exists() else []
+
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.python), "-m", "gunicorn", "--bind", f"{LOOPBACK}:{self.port}", "--workers",
-                 str(WEB_WORKERS), "--worker-class", "gthread", "--threads", str(WEB_THREADS), "viewer:create_app()"],
+                 str(WEB_WORKERS), "--worker-class", "gthread", "--threads", str(WEB_THREADS), *self.config_args,
+                 "viewer:create_app()"],
                 cwd=self.repo, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

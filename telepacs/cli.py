@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"{settings.http_host}:{settings.http_port}",
              "--workers", str(args.web_workers), "--worker-class", "gthread", "--threads", "8",
-             "--access-logfile", "-", "viewer:create_app()"],
+             "--config", "python:viewer.gunicorn_conf", "--access-logfile", "-", "viewer:create_app()"],
             env=env,
         ))
     _wait_listening(settings.dicom_host, settings.dicom_port, procs)

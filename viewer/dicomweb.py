@@ -40,8 +40,8 @@ from viewer.auth import (Role, access_scope, checks_objects_itself, current_user
 from viewer.auth.access import instance_exists_for_other, study_exists_for_other
 from viewer.cache import ByteLRU
 from viewer.deps import get_archive
-from viewer.render import (Frame, ImageFormat, RenderError, Viewport, Window, decode_frame, load_dataset,
-                           number_of_frames, parse_viewport, parse_window, render_display)
+from viewer.render import (Frame, ImageFormat, RenderError, Viewport, Window, decode_frame, detach_for_cache,
+                           load_dataset, number_of_frames, parse_viewport, parse_window, render_display)
 from viewer.multipart import MediaType, MultipartError, new_boundary, read_parts, split_media_ranges, write_parts
 
 log = logging.getLogger(__name__)
@@ -716,7 +716,7 @@ def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> 
                 count = number_of_frames(dataset)
                 if not 1 <= frame_number <= count:
                     return error(404, f"instance {loc.sop_instance_uid} has {count} frame(s), not {frame_number}")
-                decoded = decode_frame(dataset, frame_number - 1)
+                decoded = detach_for_cache(*decode_frame(dataset, frame_number - 1))
             except RenderError as exc:
                 log.warning("cannot render %s frame %d: %s", loc.sop_instance_uid, frame_number, exc)
                 return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")

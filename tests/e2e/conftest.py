@@ -22,7 +22,8 @@ from archive.service import Archive
 from helpers import FMRI_DIR, MR_STUDY_DIR, REPO, TS_DIR, dicom_files, make_settings
 from tests.e2e import phantoms
 from tests.peers import free_port
-from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD, WebServer, _wait_healthy, seed_admin, stop_server
+from tests.viewer.conftest import (ADMIN, ADMIN_PASSWORD, GUNICORN_CONFIG, WebServer, _wait_healthy, seed_admin,
+                                   stop_server)
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "e2e"
@@ -52,7 +53,7 @@ def _start(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--worker-class", "gthread", "--threads", "4", "viewer:create_app()"],
+             "--worker-class", "gthread", "--threads", "4", *GUNICORN_CONFIG, "viewer:create_app()"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     return proc, f"http://127.0.0.1:{port}"

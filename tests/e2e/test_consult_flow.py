@@ -31,7 +31,7 @@ from archive.models import Facility, User
 from archive.service import Archive
 from helpers import REPO, dicom_files, make_settings
 from tests.peers import free_port
-from tests.viewer.conftest import _wait_healthy, stop_server
+from tests.viewer.conftest import GUNICORN_CONFIG, _wait_healthy, stop_server
 
 SHOTS = REPO / "test-output" / "e2e" / "consult_flow"
 PASSWORD = "mật khẩu đủ dài 2026"
@@ -63,7 +63,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Arch
     log = base / "gunicorn.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                                 "--worker-class", "gthread", "--threads", "4", "viewer:create_app()"],
+                                 "--worker-class", "gthread", "--threads", "4", *GUNICORN_CONFIG,
+                                 "viewer:create_app()"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

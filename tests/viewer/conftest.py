@@ -135,6 +135,10 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+# `telepacs serve`'s gunicorn settings: workers log like the rest of telepacs and warm up before serving.
+GUNICORN_CONFIG = ["--config", "python:viewer.gunicorn_conf"]
+
+
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[WebServer]:
     """telepacs' web app under gunicorn (gthread workers, as `telepacs serve` runs it) on a free port."""
@@ -159,7 +163,7 @@ def serve_web(tmp_path: Path) -> Iterator[WebServer]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--worker-class", "gthread", "--threads", "4", "viewer:create_app()"],
+             "--worker-class", "gthread", "--threads", "4", *GUNICORN_CONFIG, "viewer:create_app()"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     url = f"http://127.0.0.1:{port}"

@@ -16,8 +16,8 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, RLELossless
 
 from helpers import CT_RAW_DIR, FMRI_DIR, TS_DIR, dicom_files
 from tests.viewer.render_data import new_image, ramp, save
-from viewer.render import (ImageFormat, RenderError, Viewport, VOIFunction, Window, decode_frame, encode,
-                           mask_bits_stored, parse_viewport, parse_window, render_frame, resize, to_display)
+from viewer.render import (ImageFormat, RenderError, Viewport, VOIFunction, Window, decode_frame, detach_for_cache,
+                           encode, mask_bits_stored, parse_viewport, parse_window, render_frame, resize, to_display)
 from viewer.render.output import crop_source, fit_size
 from viewer.render.transforms import (GreyTransform, ModalityTransform, apply_modality_lut, apply_palette,
                                       apply_voi_lut_sequence, apply_window, default_window, grey_transform,
@@ -115,6 +115,19 @@ def test_one_frame_of_a_multiframe(tmp_path, syntax):
         np.testing.assert_array_equal(frame.pixels, frames[index])
     with pytest.raises(RenderError, match="frame 6 does not exist: the instance has 5"):
         decode_frame(path, 5)
+
+
+def test_a_frame_detached_for_the_cache_holds_only_itself(tmp_path):
+    """A cached frame must not keep the instance's whole Pixel Data (every frame of a multi-frame) alive."""
+    frames = np.stack([ramp((64, 64), 0, 4095, "uint16") + i for i in range(8)]).astype(np.uint16)
+    ds, frame = decode_frame(save(new_image(frames, bits_stored=12, frames=8), tmp_path / "multi.dcm"), 3)
+    kept_ds, kept = detach_for_cache(ds, frame)
+    assert kept.pixels.flags.owndata and kept.pixels.base is None
+    assert kept.pixels.nbytes == 64 * 64 * 2
+    assert "PixelData" not in kept_ds
+    np.testing.assert_array_equal(kept.pixels, frames[3] & 0x0FFF)
+    # the later steps still render it from what was kept
+    assert encode(resize(to_display(kept.pixels, kept_ds, None, kept.photometric), None), ImageFormat.PNG)
 
 
 def test_one_frame_is_decoded_not_all(monkeypatch):

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from viewer.render.decode import Frame, Source, decode_frame, load_dataset, mask_bits_stored, number_of_frames
+from viewer.render.decode import (Frame, Source, decode_frame, detach_for_cache, load_dataset, mask_bits_stored,
+                                  number_of_frames)
 from viewer.render.output import ImageFormat, encode, resize
 from viewer.render.params import RenderError, Viewport, VOIFunction, Window, parse_viewport, parse_window
 from viewer.render.transforms import to_display
 
 __all__ = [
     "Frame", "ImageFormat", "RenderError", "Source", "VOIFunction", "Viewport", "Window",
-    "decode_frame", "encode", "load_dataset", "mask_bits_stored", "number_of_frames", "parse_viewport",
+    "decode_frame", "detach_for_cache", "encode", "load_dataset", "mask_bits_stored", "number_of_frames", "parse_viewport",
     "parse_window", "render_display", "render_frame", "resize", "to_display",
 ]
 

@@ -192,3 +192,23 @@ def decode_frame(src: Source, frame: int = 0) -> tuple[Dataset, Frame]:
         arr = mask_bits_stored(arr, int(ds.BitsStored), int(ds.get("PixelRepresentation", 0)) == 1)
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "MONOCHROME2")))
     return ds, Frame(arr, photometric.strip().upper())
+
+
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def detach_for_cache(ds: Dataset, frame: Frame) -> tuple[Dataset, Frame]:
+    """A decoded frame that holds no more memory than it shows, for a long-lived cache.
+
+    A native frame decoded by pydicom is a view into the dataset's whole Pixel Data (for a multi-frame
+    instance: every frame), and the dataset holds that buffer too. The returned pair owns only the one
+    frame's pixels and the attributes the later steps read: the dataset loses its pixel data element.
+    ``ds`` is changed in place; the caller must not need its pixel data afterwards.
+    """
+    for keyword in PIXEL_DATA_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    pixels = frame.pixels
+    if pixels.base is not None or not pixels.flags.owndata:
+        pixels = np.ascontiguousarray(pixels).copy()
+    return ds, Frame(pixels, frame.photometric)
