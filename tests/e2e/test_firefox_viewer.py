@@ -86,13 +86,14 @@ class Session:
             sequence.key_down(key).key_up(key)
         sequence.perform()
 
-    def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+    def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8, button: int = 0) -> None:
+        """Press ``button`` (0 left, 2 right) at ``start``, move to ``end`` in ``steps``, release."""
         pointer = self.ff.client.actions.sequence("pointer", "mouse", {"pointerType": "mouse"})
-        pointer.pointer_move(round(start[0]), round(start[1])).pointer_down()
+        pointer.pointer_move(round(start[0]), round(start[1])).pointer_down(button)
         for k in range(1, steps + 1):
             pointer.pointer_move(round(start[0] + (end[0] - start[0]) * k / steps),
                                  round(start[1] + (end[1] - start[1]) * k / steps))
-        pointer.pointer_up().perform()
+        pointer.pointer_up(button).perform()
 
     def open_viewer(self, study: str, query: str = "") -> None:
         self.ff.client.navigate(f"{self.web.url}/viewer/{study}{query}")
@@ -276,3 +277,15 @@ def test_switches_to_vietnamese(ff: Session) -> None:
     ff.wait_for("document.documentElement.lang === 'en' && window.telepacsViewer "
                 "&& telepacsViewer.getState().quality")
     assert "Slice 6 / 10" in ff.overlay()
+
+
+def test_window_level_drag_with_the_right_button(ff: Session) -> None:
+    ff.open_viewer(ff.web.studies["ct"])
+    ff.wait_full()
+    assert (ff.state()["wc"], ff.state()["ww"]) == (0, 200)  # the file's window
+    ff.js("window.__displays = []; telepacsViewer.onDisplay(e => window.__displays.push(e));")
+    # Right button (no context menu in the way): right 100 px widens by 100, down 50 px raises the centre by 50.
+    ff.drag((700, 450), (800, 500), steps=10, button=2)
+    ff.wait_for("window.__displays.some(d => d.index === 5 && d.wc === 50 && d.ww === 300 && d.quality === 'full')")
+    assert "W 300  L 50" in ff.overlay("br")
+    ff.shot("wl-dragged")
