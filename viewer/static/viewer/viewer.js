@@ -786,8 +786,9 @@ function installPointer(vp) {
   target.addEventListener('contextmenu', (e) => e.preventDefault());
   target.addEventListener('wheel', (e) => {
     e.preventDefault();
-    if (e.ctrlKey || e.metaKey) zoomAt(vp, Math.exp(-e.deltaY / 300), e.clientX, e.clientY);
-    else vp.scrollBy(Math.sign(e.deltaY) * Math.max(1, Math.round(Math.abs(e.deltaY) / 100)));
+    const dy = wheelPixels(e, vp.root.clientHeight);
+    if (e.ctrlKey || e.metaKey) zoomAt(vp, Math.exp(-dy / 300), e.clientX, e.clientY);
+    else vp.scrollBy(Math.sign(dy) * Math.max(1, Math.round(Math.abs(dy) / 100)));
   }, { passive: false });
   target.addEventListener('pointerdown', (e) => {
     target.setPointerCapture(e.pointerId);
@@ -890,6 +891,15 @@ function installPointer(vp) {
   };
   target.addEventListener('pointerup', end);
   target.addEventListener('pointercancel', end);
+}
+
+// A wheel event's vertical distance in CSS pixels. Chromium reports pixels (100 a notch); Firefox reports a
+// mouse wheel in lines (deltaMode 1, 3 a notch) to pages that read deltaMode, and pages (2) on some systems.
+const WHEEL_LINE_PX = 100 / 3;
+function wheelPixels(e, pageHeight) {
+  if (e.deltaMode === WheelEvent.DOM_DELTA_LINE) return e.deltaY * WHEEL_LINE_PX;
+  if (e.deltaMode === WheelEvent.DOM_DELTA_PAGE) return e.deltaY * pageHeight;
+  return e.deltaY;
 }
 
 function zoomAt(vp, factor, clientX, clientY) {
