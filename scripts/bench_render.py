@@ -7,7 +7,7 @@
 Servers (each started by this script on free loopback ports and stopped by its PID):
 
 - telepacs' web app under gunicorn, 2 gthread workers x 8 threads, as ``telepacs serve`` runs it
-  (access log on), file storage and SQLite in a fresh data dir, loaded with ``telepacs import`` into
+  (its gunicorn settings: workers warm up before serving; access log on), file storage and SQLite in a fresh data dir, loaded with ``telepacs import`` into
   facility BENCH; every telepacs request carries the API token of a specialist of BENCH (authentication
   and the visibility check are measured with the rest);
 - Debian's Orthanc with the ``orthanc-dicomweb`` plugin (``TCP_NODELAY=1``), loaded with the same
@@ -197,7 +197,8 @@ class TelepacsWeb:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--bind", f"{LOOPBACK}:{self.port}",
                  "--workers", str(self.workers), "--worker-class", "gthread", "--threads", str(WEB_THREADS),
-                 "--access-logfile", str(self.work_dir / "access.log"), "viewer:create_app()"],
+                 "--config", "python:viewer.gunicorn_conf", "--access-logfile", str(self.work_dir / "access.log"),
+                 "viewer:create_app()"],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

@@ -43,7 +43,8 @@ Each run opens the series in a fresh browser context (empty cache) of Playwright
 - peak RSS of each server (VmHWM of the server's processes, summed), the machine (nproc, CPU model).
 
 Medians of ``--runs`` runs; the first run is cold for both servers (rendering and web-viewer caches
-empty), the others warm. A request that leaves the server's origin is counted and reported.
+empty), the others warm. Each run starts once both servers are idle (under 5 % of a core for 0.5 s):
+Orthanc's web viewer goes on decoding the series in the background after its page is closed. A request that leaves the server's origin is counted and reported.
 Results: a markdown table with ratios and the issue's targets on stdout, JSON in ``--out``.
 On a shared 2-core machine the figures are noisy: compare within one run, not across runs.
 """
@@ -118,6 +119,35 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         todo += children.get(current, [])
     return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time used so far by ``pids`` and their descendants (from /proc)."""
+    ticks = 0
+    for pid in pids:
+        for member in process_tree(pid):
+            try:
+                fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(pids: Sequence[int], quiet_share: float = 0.05, window_s: float = 0.5,
+                    limit_s: float = 60.0) -> float:
+    """Wait until the servers use under ``quiet_share`` of a core over ``window_s``; returns the seconds waited.
+
+    A viewer's server may go on working after its page was closed (Orthanc's web viewer decodes the
+    rest of the series into its cache in the background): the next run, of either viewer, would pay for it.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = cpu_seconds(pids)
+        time.sleep(window_s)
+        if cpu_seconds(pids) - before < quiet_share * window_s:
+            break
+    return time.monotonic() - started
 
 
 def peak_rss_mb(pid: int | None) -> float | None:
@@ -756,6 +786,8 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
             targets_.append(Target("orthanc", orthanc.http_url,
                                    f"{orthanc.http_url}/web-viewer/app/viewer.html?series={series_id}",
                                    len(slice_ids), slice_ids))
+        server_pids = [pid for pid in (telepacs.proc.pid if telepacs.proc else None,
+                                       orthanc.pid if orthanc is not None else None) if pid is not None]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
             # OHIF needs WebGL (SwiftShader). Its own browser: with SwiftShader on, the 2D canvases of the
@@ -769,8 +801,11 @@ def run_all(args: argparse.Namespace, files: list[Path], scratch: Path,
                         for target in targets_:  # the viewers take turns: the machine's load falls on both
                             if target.viewer == "ohif" and link is not None and not args.ohif_slow:
                                 continue  # 20+ MB of scripts, then every frame uncompressed: minutes per run
+                            waited = wait_until_idle(server_pids)
                             result = measure(webgl if target.viewer == "ohif" else browser, target, link, run_no,
                                              load_timeout, shots)
+                            if waited > 1.0:
+                                result.notes.append(f"waited {waited:.1f} s for the servers to go idle first")
                             runs.append(result)
                             print(f"  {target.viewer:8} {result.link:16} run {run_no}: first image "
                                   f"{_fmt(result.first_image_ms or result.first_pixels_ms)} ms, "

@@ -699,34 +699,53 @@ def _parse_render_request(default_viewport: str | None, default_quality: int) ->
     return RenderRequest(window, viewport, quality, _render_format())
 
 
-def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> ResponseReturnValue:
-    """Frame ``frame_number`` (1-based) of an instance, rendered, with ETag and the caches."""
-    etag = blake3(f"{loc.checksum}|{frame_number}|{wanted.key}".encode()).hexdigest()[:32]
-    if "If-None-Match" in request.headers and etag in request.if_none_match:
-        return Response(status=304, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
+class FrameNotFound(LookupError):
+    """The instance has no such frame (404)."""
+
+
+def _render_etag(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> str:
+    return blake3(f"{loc.checksum}|{frame_number}|{wanted.key}".encode()).hexdigest()[:32]
+
+
+def rendered_image(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> bytes:
+    """Frame ``frame_number`` (1-based) of an instance rendered as ``wanted`` asks, through this process's caches.
+
+    Raises :class:`FrameNotFound`, :class:`RenderError` (pixels that cannot be rendered) and the
+    storage errors of reading the object.
+    """
+    etag = _render_etag(loc, frame_number, wanted)
     frames, images = _render_caches()
     image = images.get(etag)
-    if image is None:
-        decoded = frames.get((loc.checksum, frame_number))
-        if decoded is None:
-            with get_archive().store.open(loc.object_key) as f:
-                data = f.read()
-            try:
-                dataset = load_dataset(data)
-                count = number_of_frames(dataset)
-                if not 1 <= frame_number <= count:
-                    return error(404, f"instance {loc.sop_instance_uid} has {count} frame(s), not {frame_number}")
-                decoded = detach_for_cache(*decode_frame(dataset, frame_number - 1))
-            except RenderError as exc:
-                log.warning("cannot render %s frame %d: %s", loc.sop_instance_uid, frame_number, exc)
-                return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")
-            frames.put((loc.checksum, frame_number), decoded)
-        dataset, frame = decoded
-        try:
-            image = render_display(dataset, frame, wanted.window, wanted.viewport, wanted.fmt, wanted.quality)
-        except RenderError as exc:
-            return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")
-        images.put(etag, image)
+    if image is not None:
+        return image
+    decoded = frames.get((loc.checksum, frame_number))
+    if decoded is None:
+        with get_archive().store.open(loc.object_key) as f:
+            data = f.read()
+        dataset = load_dataset(data)
+        count = number_of_frames(dataset)
+        if not 1 <= frame_number <= count:
+            raise FrameNotFound(f"instance {loc.sop_instance_uid} has {count} frame(s), not {frame_number}")
+        decoded = detach_for_cache(*decode_frame(dataset, frame_number - 1))
+        frames.put((loc.checksum, frame_number), decoded)
+    dataset, frame = decoded
+    image = render_display(dataset, frame, wanted.window, wanted.viewport, wanted.fmt, wanted.quality)
+    images.put(etag, image)
+    return image
+
+
+def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> ResponseReturnValue:
+    """Frame ``frame_number`` (1-based) of an instance, rendered, with ETag and the caches."""
+    etag = _render_etag(loc, frame_number, wanted)
+    if "If-None-Match" in request.headers and etag in request.if_none_match:
+        return Response(status=304, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
+    try:
+        image = rendered_image(loc, frame_number, wanted)
+    except FrameNotFound as exc:
+        return error(404, str(exc))
+    except RenderError as exc:
+        log.warning("cannot render %s frame %d: %s", loc.sop_instance_uid, frame_number, exc)
+        return error(422, f"instance {loc.sop_instance_uid} cannot be rendered: {exc}")
     return Response(image, mimetype=wanted.fmt.media_type, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
 
 

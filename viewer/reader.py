@@ -12,6 +12,7 @@ parameters, annotation JSON).
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 from flask import Blueprint, Response, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_babel import gettext
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from archive.index import IndexUnavailable
 from archive.keys import InvalidUID, validate_uid
@@ -30,7 +32,8 @@ from storage import ObjectNotFound, StorageError
 from viewer.auth import note_study_viewed, served_pseudonyms
 from viewer.deps import get_archive
 from viewer.measure import ellipse_mask, region_stats
-from viewer.render import RenderError, decode_frame, load_dataset
+from viewer.dicomweb import FrameNotFound, RenderRequest, rendered_image
+from viewer.render import ImageFormat, RenderError, decode_frame, load_dataset, parse_viewport, parse_window
 from viewer.render.transforms import ModalityTransform, apply_modality_lut
 
 log = logging.getLogger(__name__)
@@ -294,6 +297,37 @@ def preview_url(listing: SeriesListing, inst: DisplayInstance, frame: int, windo
     return f"{root}/instances/{inst.sop_instance_uid}/frames/{frame}/rendered?{query}"
 
 
+# The first preview is rendered into the page itself when that is quick (a CT or MR slice): the first image
+# then needs no request of its own (a round trip saved, ~200 ms on a 100 ms link, and no wait for a free
+# connection). Large or compressed matrices (CR, DX, MG) could hold the page back: their preview is fetched.
+INLINE_PREVIEW_MAX_PIXELS = {"native": 1024 * 1024, "compressed": 512 * 512}
+_NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
+
+
+def inline_preview(listing: SeriesListing, inst: DisplayInstance, frame: int,
+                   window: tuple[float, float] | None) -> str | None:
+    """The first lossy preview as a ``data:`` URI, or None when it is fetched instead (large, or unrenderable)."""
+    pixels = (inst.rows or 0) * (inst.columns or 0)
+    if not pixels or pixels > INLINE_PREVIEW_MAX_PIXELS["native"]:
+        return None
+    locations = get_archive().index.instance_locations(listing.study_uid, listing.series_uid, inst.sop_instance_uid)
+    if not locations:
+        return None
+    compressed = locations[0].transfer_syntax_uid not in _NATIVE_SYNTAXES
+    if compressed and pixels > INLINE_PREVIEW_MAX_PIXELS["compressed"]:
+        return None
+    wanted = RenderRequest(
+        parse_window(f"{number_text(window[0])},{number_text(window[1])},linear") if window else None,
+        parse_viewport(PREVIEW_VIEWPORT), PREVIEW_QUALITY, ImageFormat.JPEG)
+    try:
+        image = rendered_image(locations[0], frame, wanted)
+    except (FrameNotFound, RenderError, ObjectNotFound, StorageError, OSError) as exc:
+        log.warning("viewer page: no inline preview of %s frame %d (%s); the browser will ask for it",
+                    inst.sop_instance_uid, frame, exc)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(image).decode("ascii")
+
+
 @bp.get("/viewer/<study>")
 def viewer_page(study: str) -> ResponseReturnValue:
     try:
@@ -324,13 +358,15 @@ def viewer_page(study: str) -> ResponseReturnValue:
                            deidentified=study in served_pseudonyms())
     number, frame = stack[start]
     first = listing.instances[number]
-    preload = preview_url(listing, first, frame, _first_window(first, request.args))
+    window = _first_window(first, request.args)
+    preload = preview_url(listing, first, frame, window)
     # The plain <img> preview matches the canvas only for the default view of square pixels.
     view_args = ("zoom", "panx", "pany", "invert", "rotate", "flip")
     square = first.pixel_spacing is None or abs(first.pixel_spacing[0] - first.pixel_spacing[1]) < 1e-6
     show_first = square and not any(request.args.get(k) for k in view_args)
-    return render_template("viewer.html", data=data, preload=preload, study=header, show_first=show_first,
-                           consult=request.args.get("consult"),
+    inline = inline_preview(listing, first, frame, window) if show_first else None
+    return render_template("viewer.html", data=data, preload=preload, inline_preview=inline, study=header,
+                           show_first=show_first, consult=request.args.get("consult"),
                            deidentified=study in served_pseudonyms())
 
 

@@ -6,6 +6,7 @@ and the CT of ../shared/testdata.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import html
 import json
@@ -187,14 +188,27 @@ def test_page_embeds_the_header_and_first_series(web, ct):
     assert data["study"]["uid"] == study and data["series"]["uid"] == series
     assert len(data["series"]["instances"]) == 10 and data["start"] == 5
     sop = data["series"]["instances"][5]["sop"]
-    # The first slice (the middle one) is asked for by the page itself, as a small lossy preview.
+    # The first slice (the middle one) comes inside the page, as a small lossy preview: the very image the
+    # renderer answers for that URL (which viewer.js would ask for), so no request is needed for it.
     preview = f"/instances/{sop}/frames/1/rendered?window=0,200,linear&amp;quality=50&amp;viewport=256,256"
-    assert preview in text
+    img = re.search(r'<img src="data:image/jpeg;base64,([^"]+)" data-url="([^"]+)"', text)
+    assert img and img.group(2).endswith(preview)
+    rendered = web.http.get(web.url + html.unescape(img.group(2)), timeout=10)
+    assert rendered.status_code == 200 and base64.b64decode(img.group(1)) == rendered.content
     # Nothing from elsewhere: every script, style and image is ours.
     for url in re.findall(r'(?:src|href)="([^"]+)"', text):
         assert url.startswith("/") or url.startswith("data:"), url
-    print(f"viewer page: {len(text)} bytes, {len(wire)} gzipped")
-    assert len(wire) < 12_000
+    print(f"viewer page: {len(text)} bytes, {len(wire)} gzipped, {len(rendered.content)} of them the first image")
+    assert len(wire) < 12_000 + len(img.group(1))
+
+
+def test_large_images_first_preview_is_fetched_not_inlined(web, tmp_path):
+    """A large matrix (CR, DX, MG) could hold the page back while it renders: its preview is a URL."""
+    large = phantoms.large_study(tmp_path / "large")
+    _load(web, large.files)
+    text = web.http.get(f"{web.url}/viewer/{large.study_uid}", timeout=10).text
+    img = re.search(r'<img src="([^"]+)" data-url="([^"]+)"', text)
+    assert img and img.group(1) == img.group(2) and "/rendered?" in img.group(1)
 
 
 def test_page_opens_the_series_of_a_given_instance(web, ct, tmp_path):

@@ -42,6 +42,14 @@ const BITMAP_BUDGET = 48e6;         // decoded pixels kept per viewport (RGBA: ~
 const SLOW_LINK_BPS = 4e6;          // below this, low-bandwidth mode turns itself on
 const LARGE_IMAGE = 1024;           // images wider/taller than this are fetched at display size first
 
+// The page may carry the first preview inline (a data: URI on its <img>, data-url its rendered URL):
+// the viewer's own request for that preview then stays in the browser.
+function inlinePreview(url) {
+  const img = document.querySelector('#first-preview img[data-url]');
+  if (!img || !img.src.startsWith('data:')) return url;
+  return new URL(img.dataset.url, location.href).href === new URL(url, location.href).href ? img.src : url;
+}
+
 // CT windows (centre/width, HU). Source: Radiopaedia "Windowing (CT)"; subdural 75/215, stroke 40/40,
 // liver 60/160, bone 400/1800 as listed there among the usual values.
 const PRESETS = [
@@ -332,7 +340,7 @@ class Viewport {
     try {
       // Previews go without an Accept header (the server answers JPEG), like the page's preload.
       const init = kind === 'preview' ? {} : { headers: { Accept: kind === 'full' ? 'image/png' : 'image/jpeg' } };
-      const response = await fetch(url, { ...init, signal: controller.signal });
+      const response = await fetch(kind === 'preview' ? inlinePreview(url) : url, { ...init, signal: controller.signal });
       if (!response.ok) throw new Error(`HTTP ${response.status} for ${url}`);
       const blob = await response.blob();
       if (kind === 'full' && link.auto == null) link.record(url);
