@@ -130,6 +130,47 @@ def test_a_frame_detached_for_the_cache_holds_only_itself(tmp_path):
     assert encode(resize(to_display(kept.pixels, kept_ds, None, kept.photometric), None), ImageFormat.PNG)
 
 
+@pytest.mark.parametrize("dtype,bits_stored", [("uint8", 8), ("int8", 8), ("uint16", 12), ("int16", 12),
+                                               ("int16", 16), ("uint16", 16)])
+@pytest.mark.parametrize("syntax", ["explicit", "implicit"])
+def test_native_frames_are_read_straight_from_pixel_data_as_pydicom_decodes_them(tmp_path, dtype, bits_stored, syntax):
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from viewer.render.decode import native_frame
+
+    info = np.iinfo(dtype)
+    frames = np.stack([ramp((24, 40), max(info.min, -2000), min(info.max, 3000), dtype) + i for i in range(3)])
+    ds = new_image(frames.astype(dtype), bits_stored=bits_stored, frames=3)
+    if syntax == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = save(ds, tmp_path / "native.dcm")
+    for index in range(3):
+        read = pydicom.dcmread(path)
+        assert native_frame(read, index) is not None  # the fast path is the one taken
+        _, frame = decode_frame(read, index)
+        expected = pixel_array(path, index=index)
+        assert frame.pixels.dtype == expected.dtype
+        np.testing.assert_array_equal(frame.pixels, expected)
+
+
+def test_native_fast_path_leaves_other_pixel_data_to_pydicom(tmp_path):
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from viewer.render.decode import native_frame
+
+    grey = new_image(ramp((16, 16), 0, 4095, "uint16"), bits_stored=12)
+    rle = new_image(ramp((16, 16), 0, 4095, "uint16"), bits_stored=12)
+    rle.compress(RLELossless)
+    colour = new_image(np.zeros((16, 16, 3), dtype=np.uint8), photometric="RGB")
+    big = new_image(ramp((16, 16), 0, 4095, "uint16"), bits_stored=12)
+    big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    short = new_image(ramp((16, 16), 0, 4095, "uint16"), bits_stored=12)
+    short.PixelData = short.PixelData[:100]
+    assert native_frame(grey, 0) is not None
+    assert all(native_frame(ds, 0) is None for ds in (rle, colour, big, short))
+    assert native_frame(grey, 1) is None  # past the end: pydicom's decoder reports it
+
+
 def test_one_frame_is_decoded_not_all(monkeypatch):
     """decode_frame asks the decoder for one index, never for the whole pixel data."""
     from pydicom.pixels.decoders.base import Decoder

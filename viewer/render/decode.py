@@ -152,6 +152,38 @@ def _decode(decoder: Any, ds: Dataset, frame: int, options: dict[str, Any]) -> t
     return arr, meta
 
 
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def native_frame(ds: Dataset, frame: int) -> np.ndarray | None:
+    """Frame ``frame`` of native little-endian grey-scale pixel data, read straight from its bytes.
+
+    The common case of a CT or MR slice (one sample, 8 or 16 bits allocated, uncompressed) needs no
+    decoder: the frame is a slice of Pixel Data. This skips pydicom's decoder set-up and validation,
+    which cost more than the rest of a cold render. None when the dataset is not that case (colour,
+    other bit depths, big endian, float or encapsulated data, Pixel Data too short): the caller then
+    uses pydicom's decoders, which check and report everything.
+    """
+    if UID(ds.file_meta.TransferSyntaxUID) not in _NATIVE_LITTLE_ENDIAN or "PixelData" not in ds:
+        return None
+    try:
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or bits not in (8, 16) or rows <= 0 or columns <= 0:
+        return None
+    data = ds.PixelData
+    size = bits // 8
+    count = rows * columns
+    offset = frame * count * size
+    if not isinstance(data, bytes) or len(data) < offset + count * size:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{size}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(rows, columns)
+
+
 def decode_frame(src: Source, frame: int = 0) -> tuple[Dataset, Frame]:
     """Decode frame ``frame`` (0-based) of ``src`` and return the dataset with it.
 
@@ -170,6 +202,10 @@ def decode_frame(src: Source, frame: int = 0) -> tuple[Dataset, Frame]:
         log.warning("render: frame %d requested from %s, which has %d frame(s)",
                     frame + 1, ds.get("SOPInstanceUID", "?"), frames)
         raise RenderError(f"frame {frame + 1} does not exist: the instance has {frames} frame(s)")
+    native = native_frame(ds, frame)
+    if native is not None:
+        arr = mask_bits_stored(native, int(ds.BitsStored), int(ds.get("PixelRepresentation", 0)) == 1)
+        return ds, Frame(arr, str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper())
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
         decoder = get_decoder(syntax)
