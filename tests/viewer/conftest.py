@@ -151,21 +151,27 @@ def module_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
     yield from serve_web(tmp_path_factory.mktemp("web"))
 
 
+def start_gunicorn(data_dir: Path, port: int, log: Path, *, workers: int = 1, threads: int = 4,
+                   **env_extra: str) -> subprocess.Popen[bytes]:
+    """telepacs' web app under gunicorn with `telepacs serve`'s settings, on data_dir, logging to ``log``."""
+    env = dict(os.environ, TELEPACS_DATA_DIR=str(data_dir), TELEPACS_HTTP_PORT=str(port),
+               TELEPACS_PUBLIC_URL=f"http://127.0.0.1:{port}", **env_extra)
+    for name in ("TELEPACS_CONFIG", "TELEPACS_DB_URL", "TELEPACS_STORAGE_URL"):
+        env.pop(name, None)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+             "--worker-class", "gthread", "--threads", str(threads), *GUNICORN_CONFIG, "viewer:create_app()"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+
 def serve_web(tmp_path: Path) -> Iterator[WebServer]:
     archive = Archive.open(make_settings(tmp_path))  # creates the schema, as `telepacs serve` does
     token = seed_admin(archive)
     port = free_port()
-    env = dict(os.environ, TELEPACS_DATA_DIR=str(archive.settings.data_dir), TELEPACS_HTTP_PORT=str(port),
-               TELEPACS_PUBLIC_URL=f"http://127.0.0.1:{port}")
-    for name in ("TELEPACS_CONFIG", "TELEPACS_DB_URL", "TELEPACS_STORAGE_URL"):
-        env.pop(name, None)
     log = tmp_path / "gunicorn.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--worker-class", "gthread", "--threads", "4", *GUNICORN_CONFIG, "viewer:create_app()"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    proc = start_gunicorn(archive.settings.data_dir, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from archive.service import Archive
-from helpers import REPO, make_settings
+from helpers import make_settings
 from tests.peers import free_port
-from tests.viewer.conftest import _wait_healthy, stop_server
+from tests.viewer.conftest import _wait_healthy, start_gunicorn, stop_server
 from viewer import create_app, warmup
 from viewer.render import decode_frame, load_dataset
 
@@ -61,17 +57,8 @@ def test_gunicorn_workers_warm_up_before_they_serve(tmp_path):
     archive = Archive.open(make_settings(tmp_path))
     archive.close()
     port = free_port()
-    env = dict(os.environ, TELEPACS_DATA_DIR=str(archive.settings.data_dir), TELEPACS_LOG_LEVEL="INFO")
-    for name in ("TELEPACS_CONFIG", "TELEPACS_DB_URL", "TELEPACS_STORAGE_URL"):
-        env.pop(name, None)
     log = tmp_path / "gunicorn.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-             "--worker-class", "gthread", "--threads", "2", "--config", "python:viewer.gunicorn_conf",
-             "viewer:create_app()"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    proc = start_gunicorn(archive.settings.data_dir, port, log, workers=2, threads=2, TELEPACS_LOG_LEVEL="INFO")
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc, log)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/login") as response:
