@@ -128,6 +128,10 @@ def test_a_frame_detached_for_the_cache_holds_only_itself(tmp_path):
     np.testing.assert_array_equal(kept.pixels, frames[3] & 0x0FFF)
     # the later steps still render it from what was kept
     assert encode(resize(to_display(kept.pixels, kept_ds, None, kept.photometric), None), ImageFormat.PNG)
+    # a single frame's pixels are kept as they are (a view of exactly that frame), not copied again
+    one_ds, one = decode_frame(save(new_image(frames[0]), tmp_path / "one.dcm"), 0)
+    _, kept_one = detach_for_cache(one_ds, one)
+    assert kept_one.pixels is one.pixels and kept_one.pixels.nbytes == 64 * 64 * 2
 
 
 @pytest.mark.parametrize("dtype,bits_stored", [("uint8", 8), ("int8", 8), ("uint16", 12), ("int16", 12),

@@ -236,15 +236,17 @@ PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 def detach_for_cache(ds: Dataset, frame: Frame) -> tuple[Dataset, Frame]:
     """A decoded frame that holds no more memory than it shows, for a long-lived cache.
 
-    A native frame decoded by pydicom is a view into the dataset's whole Pixel Data (for a multi-frame
-    instance: every frame), and the dataset holds that buffer too. The returned pair owns only the one
-    frame's pixels and the attributes the later steps read: the dataset loses its pixel data element.
+    A native frame (:func:`native_frame`) is a view into the dataset's whole Pixel Data (for a multi-frame
+    instance: every frame), and the dataset holds that buffer too. The returned pair holds only the one
+    frame's pixels and the attributes the later steps read: the dataset loses its pixel data element, and
+    a view into a multi-frame buffer is copied out (a single frame's view is that frame's memory already).
     ``ds`` is changed in place; the caller must not need its pixel data afterwards.
     """
+    single_frame = number_of_frames(ds) == 1
     for keyword in PIXEL_DATA_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
     pixels = frame.pixels
-    if pixels.base is not None or not pixels.flags.owndata:
+    if not single_frame and (pixels.base is not None or not pixels.flags.owndata):
         pixels = np.ascontiguousarray(pixels).copy()
     return ds, Frame(pixels, frame.photometric)
