@@ -35,8 +35,8 @@ from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import RETURN_KEYS, find
 from archive.service import Expected, IngestError, IngestFailure
 from storage import ObjectNotFound, StorageError
-from viewer.auth import (Role, access_scope, checks_objects_itself, current_user, forget_study, note_study_viewed,
-                         served_pseudonyms)
+from viewer.auth import (Role, checks_objects_itself, current_user, forget_study, note_study_viewed,
+                         search_scope, served_pseudonyms)
 from viewer.auth.access import instance_exists_for_other, study_exists_for_other
 from viewer.cache import ByteLRU
 from viewer.deps import get_archive
@@ -262,7 +262,7 @@ def _search(level: Level, study_uid: str | None = None, series_uid: str | None =
     wanted = list(dict.fromkeys(search.returned))
     keys = search.keys + [MatchKey(k, "") for k in wanted if k not in matched and RETURN_KEYS.get(k)]
     try:
-        rows = find(get_archive().index, level, keys, fuzzy=search.fuzzy, scope=access_scope())
+        rows = find(get_archive().index, level, keys, fuzzy=search.fuzzy, scope=search_scope(keys))
     except (UnsupportedKey, InvalidValue) as exc:
         raise BadRequest(str(exc)) from None
     page = islice(rows, search.offset, search.offset + (search.limit or MAX_LIMIT))

@@ -28,7 +28,7 @@ from flask_babel import format_date, format_time, format_timedelta, gettext
 from archive.index import IndexUnavailable
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
 from archive.query import PageRow, SortKey, find_page
-from viewer.auth import access_scope, served_pseudonyms
+from viewer.auth import search_scope, served_pseudonyms
 from viewer.deps import get_archive
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,8 @@ def study_list() -> ResponseReturnValue:
         log.warning("study list: bad search from %s: %s", request.remote_addr, exc)
         return _render(ListPage(StudySearch(), form, problems=exc.problems), 400)
     try:
-        found = find_page(get_archive().index, Level.STUDY, search.match_keys(), fuzzy=True, scope=access_scope(),
+        keys = search.match_keys()
+        found = find_page(get_archive().index, Level.STUDY, keys, fuzzy=True, scope=search_scope(keys),
                           sort=search.sort_keys(), offset=search.offset, limit=search.size)
     except (UnsupportedKey, InvalidValue) as exc:
         log.warning("study list: search refused by the archive from %s: %s", request.remote_addr, exc)

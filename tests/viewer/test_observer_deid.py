@@ -88,6 +88,40 @@ def test_observer_study_list_shows_the_pseudonym(web, ct_part10_dir):
     assert str(original.PatientID) in doctor_page.text and pseudonym not in doctor_page.text
 
 
+def test_observer_cannot_find_a_deidentified_study_by_its_patient(web, ct_part10_dir):
+    """Searching the real name, ID or study date must not bring a pseudonymised study back to an observer:
+    the row would be shown under the pseudonym, but its presence would confirm who the patient is."""
+    path = dicom_files(ct_part10_dir)[0]
+    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
+    original = pydicom.dcmread(path)
+    web.add_facility("HUB", tier="central")
+    doctor_token = web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
+    observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
+    with web.archive.index.write_session() as session, session.begin():
+        consult = svc.create_consult(session, _user(session, "bs.lan"),
+                                     request_for(study_uids=[str(original.StudyInstanceUID)]))
+        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
+        pseudonym = f"CONSULT-{consult.id}"
+    name = str(original.PatientName).split("^")[0]
+    searches = [{"PatientName": name + "*"}, {"PatientID": str(original.PatientID)},
+                {"StudyDate": str(original.StudyDate)}]
+    observer, doctor = web.token_session(observer_token), web.token_session(doctor_token)
+    for params in searches:
+        found = observer.get(f"{web.dicomweb}/studies", params=params, timeout=30)
+        assert found.status_code == 200 and found.json() == [], params
+        assert len(doctor.get(f"{web.dicomweb}/studies", params=params, timeout=30).json()) == 1, params
+    # Browsing without identifying keys (or by modality) still lists it, under the pseudonym.
+    [row] = observer.get(f"{web.dicomweb}/studies", params={"ModalitiesInStudy": original.Modality}, timeout=30).json()
+    assert row[PATIENT_ID]["Value"] == [pseudonym]
+    # The study list: the same.
+    browser = web.login("hv.an", "Observer-pass-123")
+    by_name = browser.get(web.url + "/", params={"name": name}, timeout=30)
+    assert by_name.status_code == 200 and pseudonym not in by_name.text
+    assert pseudonym in browser.get(web.url + "/", timeout=30).text
+    by_id = browser.get(web.url + "/", params={"patient_id": str(original.PatientID)}, timeout=30)
+    assert by_id.status_code == 200 and pseudonym not in by_id.text
+
+
 def test_observer_viewer_header_shows_the_pseudonym(web, ct_part10_dir):
     path = dicom_files(ct_part10_dir)[0]
     web.archive.ingest_file(path, Source(via="stow", facility="DIST"))

@@ -22,8 +22,8 @@ from flask import abort
 
 from archive.people import Role
 from archive.scope import StudyScope
-from viewer.auth.access import (StudyNotVisible, access_scope, served_pseudonyms, forget_study, note_study_viewed,
-                                require_instance_access, require_series_access, require_study_access)
+from viewer.auth.access import (StudyNotVisible, access_scope, forget_study, note_study_viewed, require_instance_access,
+                                require_series_access, require_study_access, search_scope, served_pseudonyms)
 from viewer.auth.csrf import csrf_token
 from viewer.auth.guard import checks_objects_itself, init_auth, wants_json
 from viewer.auth.identity import current_identity, current_user
@@ -59,7 +59,8 @@ def roles_required(*roles: str | Role) -> Callable[[F], F]:
 
 
 __all__ = [
-    "Role", "StudyNotVisible", "StudyScope", "access_scope", "served_pseudonyms", "checks_objects_itself", "csrf_token",
+    "Role", "StudyNotVisible", "StudyScope", "access_scope", "search_scope", "served_pseudonyms", "checks_objects_itself",
+    "csrf_token",
     "current_identity", "current_user", "forget_study", "init_auth", "login_required", "note_study_viewed",
     "require_instance_access", "require_series_access", "require_study_access", "roles_required", "wants_json",
 ]

@@ -18,7 +18,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Iterable
 
 from flask import g, request
 from sqlalchemy import select
@@ -26,7 +27,9 @@ from werkzeug.exceptions import NotFound
 
 from archive import audit
 from archive.audit import AuditAction
+from archive.deidentify import EMPTIED, REMOVED
 from archive.keys import validate_uid
+from archive.matching import MatchKey
 from archive.models import Instance, Series, Study, User
 from archive.people import Role
 from archive.scope import StudyScope
@@ -34,6 +37,7 @@ from viewer.auth.identity import current_identity, current_user
 from viewer.deps import get_archive
 
 log = logging.getLogger(__name__)
+_DEIDENTIFIED_KEYWORDS = frozenset(EMPTIED) | frozenset(REMOVED)
 
 _CONSULTS_MODULE = "viewer.consults.service"
 _CACHE_SIZE = 50_000
@@ -172,6 +176,20 @@ def served_pseudonyms() -> dict[str, str]:
                     pseudonyms[study_uid] = pseudonym
     g.telepacs_pseudonyms = pseudonyms
     return pseudonyms
+
+
+def search_scope(keys: Iterable[MatchKey]) -> StudyScope:
+    """The scope a search runs in: :func:`access_scope`, less the studies served to this user de-identified
+    when the search matches on an attribute de-identification removes or empties (patient name or ID,
+    birth date, accession, dates, descriptions…). Otherwise an observer could confirm who a pseudonymised
+    study's patient is by searching the real name and seeing the study come back.
+    """
+    scope = access_scope()
+    identifying = any(key.value and key.keyword in _DEIDENTIFIED_KEYWORDS for key in keys)
+    pseudonymised = frozenset(served_pseudonyms()) if identifying else frozenset()
+    if not pseudonymised or scope.everything:
+        return scope
+    return replace(scope, study_uids=scope.study_uids - pseudonymised)
 
 
 def access_scope() -> StudyScope:
