@@ -21,13 +21,18 @@ DICOM PS3.15 Annex E, Table E.1-1 (Application Level Confidentiality Profile Att
 from __future__ import annotations
 
 import copy
+import io
+import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, Iterator
+
+import pydicom
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 # Table E.1-1, Basic Profile column: Z = zero-length (or a dummy value), X = remove.
 EMPTIED = (
@@ -230,3 +235,108 @@ def _clean_json(obj: dict[str, Any], pseudonym: str) -> dict[str, Any]:
         else:
             out[key] = element
     return out
+
+
+# -- Part 10 files, streamed ------------------------------------------------------------------------------
+
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float and Double Float Pixel Data
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+HEADER_LIMIT = 4 << 20  # a header (everything before the pixel data) larger than this is de-identified whole
+
+
+def deidentified_part10(data: bytes, pseudonym: str) -> bytes:
+    """A whole stored Part 10 instance, de-identified (pixel data as stored), in memory."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    out = io.BytesIO()
+    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+class _Stream:
+    """Bytes already read (the head of the file), then the rest of a binary stream: exact reads and copies."""
+
+    def __init__(self, head: bytes, rest: BinaryIO, chunk: int) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+        self._chunk = chunk
+
+    def read(self, size: int) -> bytes:
+        taken = bytes(self._head[:size])
+        self._head = self._head[len(taken):]
+        while len(taken) < size:
+            more = self._rest.read(size - len(taken))
+            if not more:
+                raise EOFError(f"the stored object ends {size - len(taken)} bytes short inside the pixel data")
+            taken += more
+        return taken
+
+    def copy(self, size: int) -> Iterator[bytes]:
+        while size > 0:
+            piece = self.read(min(size, self._chunk))
+            size -= len(piece)
+            yield piece
+
+
+def _pixel_element(stream: _Stream, implicit: bool, little: bool) -> Iterator[bytes]:
+    """The pixel data element as stored: its header and value (native or encapsulated), and nothing after it.
+
+    What may follow the pixel data in a file (Data Set Trailing Padding, Digital Signatures Sequence, private
+    elements) is removed by the Basic Profile anyway: the copy stops at the end of the element.
+    """
+    order = "<" if little else ">"
+    header = stream.read(8)
+    group, element = struct.unpack(order + "HH", header[:4])
+    if implicit:
+        (length,) = struct.unpack(order + "L", header[4:])
+    elif header[4:6] in _LONG_VRS:
+        header += stream.read(4)
+        (length,) = struct.unpack(order + "L", header[8:])
+    else:
+        (length,) = struct.unpack(order + "H", header[6:])
+    yield header
+    if length != _UNDEFINED:
+        yield from stream.copy(length)
+        return
+    while True:  # encapsulated: items (always little endian, PS3.5 A.4) up to the sequence delimiter
+        item = stream.read(8)
+        tag_group, tag_element, item_length = struct.unpack("<HHL", item)
+        yield item
+        if (tag_group << 16) | tag_element == _SEQUENCE_END:
+            return
+        if (tag_group << 16) | tag_element != _ITEM or item_length == _UNDEFINED:
+            raise ValueError(f"unexpected tag ({tag_group:04X},{tag_element:04X}) in encapsulated pixel data")
+        yield from stream.copy(item_length)
+
+
+def deidentified_part10_stream(f: BinaryIO, pseudonym: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A stored Part 10 instance read from ``f``, de-identified, as chunks; the pixel data are copied through.
+
+    Only the header (at most :data:`HEADER_LIMIT` bytes) is held in memory: a 500 MB multi-frame is served
+    to an observer in ``chunk``-sized pieces. The output equals :func:`deidentified_part10` of the whole
+    file but for elements after the pixel data, which the profile removes. A deflated dataset, or a header
+    larger than the limit, is de-identified whole (in memory).
+    """
+    head = f.read(HEADER_LIMIT)
+    truncated = len(head) == HEADER_LIMIT  # the file goes on past what was read
+    buffer = io.BytesIO(head)
+    try:
+        ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+    except (EOFError, ValueError, OSError):
+        if not truncated:
+            raise
+        ds = None  # a header larger than the limit
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds is not None else ""
+    little = syntax != ExplicitVRBigEndian
+    pixel_at = buffer.tell()
+    tag = struct.unpack(("<" if little else ">") + "HH", head[pixel_at:pixel_at + 4]) if len(head) >= pixel_at + 8 else None
+    has_pixels = tag is not None and (tag[0] << 16 | tag[1]) in _PIXEL_TAGS
+    if ds is None or syntax == DeflatedExplicitVRLittleEndian or (truncated and not has_pixels):
+        yield deidentified_part10(head + f.read(), pseudonym)
+        return
+    out = io.BytesIO()
+    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
+    yield out.getvalue()
+    if has_pixels:
+        yield from _pixel_element(_Stream(head[pixel_at:], f, chunk), syntax == ImplicitVRLittleEndian, little)

@@ -13,7 +13,6 @@ References: PS3.18 §10.4 (Retrieve), §10.5 (Store), §10.6 (Search), Annex F (
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from flask.typing import ResponseReturnValue
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
 
-from archive.deidentify import deidentify_dataset, deidentify_json
+from archive.deidentify import deidentified_part10_stream, deidentify_json
 from archive.index import IndexUnavailable, InstanceLocation, Source
 from archive.keys import InvalidUID, validate_uid
 from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey
@@ -325,13 +324,6 @@ def _deidentifying(result: Callable[[dict[str, Any]], dict[str, Any]],
     return deidentified
 
 
-def _deidentified_part10(data: bytes, pseudonym: str) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    out = io.BytesIO()
-    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def _uid(value: str) -> str:
     try:
         return validate_uid(value)
@@ -431,7 +423,7 @@ def _retrieve(study: str, series: str | None = None, instance: str | None = None
         try:
             with archive.store.open(loc.object_key) as f:
                 if pseudonym is not None:  # an observer's copy: headers de-identified, pixels as stored
-                    yield _deidentified_part10(f.read(), pseudonym)
+                    yield from deidentified_part10_stream(f, pseudonym, _CHUNK)
                     return
                 while chunk := f.read(_CHUNK):
                     yield chunk

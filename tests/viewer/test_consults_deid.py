@@ -141,3 +141,122 @@ def test_served_to_an_observer_through_the_consult(sqlite_archive, ct_part10_dir
         assert svc.deidentify_json_for(s, w.radiologist.id, study, rows) is rows
         shown = svc.deidentify_json_for(s, w.observer.id, study, rows)
         assert shown[0]["00100020"]["Value"] == [f"CONSULT-{c.id}"] and "00080080" not in shown[0]
+
+
+# -- Part 10 files served to observers, streamed (archive.deidentify.deidentified_part10_stream) -----------
+
+def _part10(ds: Dataset, path, syntax) -> bytes:
+    from pydicom.dataset import FileMetaDataset
+
+    ds = ds.copy()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def _with_pixels(frames: int = 3) -> Dataset:
+    import numpy as np
+
+    ds = _identified()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 64, 48, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(frames * 64 * 48, dtype="<u2") % 4096).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2",
+                                    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"])
+def test_streamed_copy_equals_the_whole_one(tmp_path, syntax):
+    """Explicit/implicit little endian, big endian, RLE (encapsulated), deflated (done whole): the streamed
+    copy is byte for byte what de-identifying the whole file in memory gives, in pieces of at most a chunk."""
+    import io
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+
+    from archive.deidentify import deidentified_part10, deidentified_part10_stream
+
+    ds = _with_pixels()
+    if syntax == RLELossless:
+        from pydicom.dataset import FileMetaDataset
+
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        ds.compress(RLELossless)
+        data = _part10(ds, tmp_path / "rle.dcm", syntax)
+    else:
+        if syntax == "1.2.840.10008.1.2.2":
+            ds.PixelData = __import__("numpy").frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
+        data = _part10(ds, tmp_path / "x.dcm", syntax)
+    chunks = list(deidentified_part10_stream(io.BytesIO(data), "CONSULT-7", chunk=1000))
+    assert b"".join(chunks) == deidentified_part10(data, "CONSULT-7")
+    if syntax != DeflatedExplicitVRLittleEndian:
+        assert max(len(c) for c in chunks[1:]) <= 1000 and len(chunks) > 3
+    served = pydicom.dcmread(io.BytesIO(b"".join(chunks)))
+    assert served.PatientID == "CONSULT-7" and "InstitutionName" not in served
+    assert served.PatientIdentityRemoved == "YES"
+    original = pydicom.dcmread(io.BytesIO(data))
+    assert served.PixelData == original.PixelData
+
+
+def test_streamed_copy_drops_what_follows_the_pixel_data(tmp_path):
+    """Trailing elements after Pixel Data (a digital signature, padding, private data) are not copied."""
+    import io
+
+    from archive.deidentify import deidentified_part10_stream
+
+    ds = _with_pixels(1)
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 16)  # Data Set Trailing Padding
+    data = _part10(ds, tmp_path / "padded.dcm", "1.2.840.10008.1.2.1")
+    served = pydicom.dcmread(io.BytesIO(b"".join(deidentified_part10_stream(io.BytesIO(data), "CONSULT-7"))))
+    assert served.PixelData == ds.PixelData and 0xFFFCFFFC not in served
+
+
+def test_streamed_copy_of_a_real_ct_and_a_dataset_without_pixels(ct_part10_dir, tmp_path):
+    import io
+
+    from archive.deidentify import deidentified_part10, deidentified_part10_stream
+
+    data = dicom_files(ct_part10_dir)[0].read_bytes()
+    assert b"".join(deidentified_part10_stream(io.BytesIO(data), "CONSULT-3")) == deidentified_part10(data, "CONSULT-3")
+    report = _part10(_identified(), tmp_path / "no-pixels.dcm", "1.2.840.10008.1.2.1")
+    served = pydicom.dcmread(io.BytesIO(b"".join(deidentified_part10_stream(io.BytesIO(report), "CONSULT-3"))))
+    assert served.PatientID == "CONSULT-3" and "PixelData" not in served
+
+
+def test_a_large_instance_is_streamed_without_being_held_in_memory(tmp_path):
+    """A 48 MB multi-frame goes to an observer with only its header and one chunk in memory at a time."""
+    import tracemalloc
+
+    from archive.deidentify import deidentified_part10_stream
+
+    ds = _with_pixels(1)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 1024, 1024, 24
+    ds.PixelData = bytes(1024 * 1024 * 2 * 24)
+    path = tmp_path / "large.dcm"
+    _part10(ds, path, "1.2.840.10008.1.2.1")
+    del ds
+    total = 0
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f:
+            for piece in deidentified_part10_stream(f, "CONSULT-9", chunk=1 << 20):
+                total += len(piece)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total > 48 << 20
+    assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_a_truncated_instance_is_an_error_not_a_short_success(tmp_path):
+    import io
+
+    from archive.deidentify import deidentified_part10_stream
+
+    data = _part10(_with_pixels(), tmp_path / "x.dcm", "1.2.840.10008.1.2.1")
+    with pytest.raises(EOFError, match="short inside the pixel data"):
+        b"".join(deidentified_part10_stream(io.BytesIO(data[:-100]), "CONSULT-7"))

@@ -925,16 +925,7 @@ def deidentify_json_for(session: Session, user_id: int, study_uid: str,
 
 def deidentify_part10_for(session: Session, user_id: int, study_uid: str, data: bytes) -> bytes:
     """A stored Part 10 instance of ``study_uid`` as this user must be served it (pixel data untouched)."""
-    from io import BytesIO
-
-    import pydicom
-
-    from archive.deidentify import deidentify_dataset
+    from archive.deidentify import deidentified_part10
 
     pseudonym = observer_pseudonym(session, user_id, study_uid)
-    if pseudonym is None:
-        return data
-    ds = pydicom.dcmread(BytesIO(data))
-    out = BytesIO()
-    deidentify_dataset(ds, pseudonym).dataset.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return data if pseudonym is None else deidentified_part10(data, pseudonym)
