@@ -17,10 +17,12 @@ import gzip
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, Response, render_template, request
+from flask import Blueprint, Response, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_babel import gettext
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -301,6 +303,8 @@ def preview_url(listing: SeriesListing, inst: DisplayInstance, frame: int, windo
 # then needs no request of its own (a round trip saved, ~200 ms on a 100 ms link, and no wait for a free
 # connection). Large or compressed matrices (CR, DX, MG) could hold the page back: their preview is fetched.
 INLINE_PREVIEW_MAX_PIXELS = {"native": 1024 * 1024, "compressed": 512 * 512}
+INLINE_PREVIEW_BUDGET_S = 0.25
+_inline_renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inline-preview")
 _NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
 
 
@@ -319,8 +323,21 @@ def inline_preview(listing: SeriesListing, inst: DisplayInstance, frame: int,
     wanted = RenderRequest(
         parse_window(f"{number_text(window[0])},{number_text(window[1])},linear") if window else None,
         parse_viewport(PREVIEW_VIEWPORT), PREVIEW_QUALITY, ImageFormat.JPEG)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def render() -> bytes:
+        with app.app_context():
+            return rendered_image(locations[0], frame, wanted)
+
+    # Within a time budget: a slow object store (S3 far away or failing over) must not hold the page back.
+    # A render that overruns goes on and fills the cache, where the browser's request for it finds it.
+    pending = _inline_renders.submit(render)
     try:
-        image = rendered_image(locations[0], frame, wanted)
+        image = pending.result(timeout=INLINE_PREVIEW_BUDGET_S)
+    except FutureTimeout:
+        log.info("viewer page: the preview of %s took over %.0f ms; the browser will ask for it",
+                 inst.sop_instance_uid, INLINE_PREVIEW_BUDGET_S * 1000)
+        return None
     except (FrameNotFound, RenderError, ObjectNotFound, StorageError, OSError) as exc:
         log.warning("viewer page: no inline preview of %s frame %d (%s); the browser will ask for it",
                     inst.sop_instance_uid, frame, exc)

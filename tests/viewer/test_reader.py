@@ -254,3 +254,38 @@ def test_viewer_needs_a_login_and_hides_other_facilities_studies(web, ct):
     for path in (f"/api/viewer/studies/{study}", f"/api/viewer/series/{series}", f"/viewer/{study}",
                  f"/api/viewer/roi/{study}/{series}/{sop}/1?x0=1&y0=1&x1=9&y1=9"):
         assert other.get(web.url + path, timeout=10).status_code == 404, path
+
+
+def test_a_slow_store_does_not_hold_the_page_back(tmp_path, ct_part10_dir, monkeypatch):
+    """The inline preview is rendered within a time budget; past it the page goes out with a fetched <img>."""
+    import time
+
+    from archive.reading import series_listing
+    from archive.service import Archive
+    from helpers import make_settings
+    from viewer import reader
+
+    archive = Archive.open(make_settings(tmp_path))
+    try:
+        for path in dicom_files(ct_part10_dir):
+            archive.ingest_file(path, Source(via="import"))
+        series = pydicom.dcmread(dicom_files(ct_part10_dir)[0], stop_before_pixels=True).SeriesInstanceUID
+        app = create_app({"TELEPACS_ARCHIVE": archive})
+        listing = series_listing(archive.index, str(series))
+        first = listing.instances[5]
+        with app.test_request_context("/"):
+            inline = reader.inline_preview(listing, first, 1, None)
+            assert inline is not None and inline.startswith("data:image/jpeg;base64,")
+
+            real = reader.rendered_image
+
+            def slow(*args):
+                time.sleep(2)
+                return real(*args)
+
+            monkeypatch.setattr(reader, "rendered_image", slow)
+            started = time.monotonic()
+            assert reader.inline_preview(listing, listing.instances[4], 1, (40.0, 400.0)) is None
+            assert time.monotonic() - started < reader.INLINE_PREVIEW_BUDGET_S + 0.5
+    finally:
+        archive.close()
