@@ -303,7 +303,7 @@ def preview_url(listing: SeriesListing, inst: DisplayInstance, frame: int, windo
 # then needs no request of its own (a round trip saved, ~200 ms on a 100 ms link, and no wait for a free
 # connection). Large or compressed matrices (CR, DX, MG) could hold the page back: their preview is fetched.
 INLINE_PREVIEW_MAX_PIXELS = {"native": 1024 * 1024, "compressed": 512 * 512}
-INLINE_PREVIEW_BUDGET_S = 0.25
+INLINE_PREVIEW_BUDGET_S = 0.5
 _inline_renders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inline-preview")
 _NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
 

@@ -44,10 +44,12 @@ new MutationObserver(() => {
 """
 
 
-def open_viewer(b, study: str, query: str = "") -> None:
-    b.page.goto(f"{b.web.url}/viewer/{study}{query}")
+def open_viewer(b, study: str, query: str = "") -> str:
+    """Open the reading page and wait for its first image; returns the page's HTML."""
+    response = b.page.goto(f"{b.web.url}/viewer/{study}{query}")
     b.page.wait_for_function("document.body.dataset.firstImageMs && window.telepacsViewer "
                              "&& telepacsViewer.getState().quality", timeout=30_000)
+    return response.text() if response is not None else ""
 
 
 def wait_full(b, timeout: float = 30_000) -> None:
@@ -336,7 +338,7 @@ def test_large_image_at_display_size_then_full_resolution_on_zoom(browsing):
 def test_low_bandwidth_mode_shows_lossy_previews_then_full_quality(browsing):
     b = browsing
     b.page.add_init_script(_RECORD_DISPLAYS)
-    open_viewer(b, b.web.studies["ct"], "?lowbw=1")
+    html = open_viewer(b, b.web.studies["ct"], "?lowbw=1")
     b.shot("01-first")
     wait_full(b)
     b.shot("02-loaded")
@@ -347,15 +349,18 @@ def test_low_bandwidth_mode_shows_lossy_previews_then_full_quality(browsing):
     assert badges[0] == "lossy" and badges[-1] == "full"
     assert b.page.locator(".rv-vp.active .rv-quality").inner_text() == "FULL QUALITY"
     assert b.page.is_checked("#lowbw")
-    # The start slice's preview came inside the page (no request of its own); the previews of the 9 other
-    # slices were asked for before the full-quality slices other than the first one.
+    # The start slice's preview came inside the page (no request of its own) unless the server's render of it
+    # overran the page's time budget (a loaded CI machine); the previews of the other slices were asked for
+    # before the full-quality slices other than the first one.
     renders = [u for u in b.problems.requests if "/rendered?" in u and "/thumbnail" not in u]
     start_preview = b.page.evaluate("new URL(telepacsViewer.viewer.active.urlFor(5, 'preview'), location.href).href")
-    assert "quality=50" in start_preview and start_preview not in renders
+    inline = 'src="data:image/jpeg;base64,' in html
+    assert "quality=50" in start_preview and (start_preview in renders) != inline
     previews = [i for i, u in enumerate(renders) if "quality=50" in u]
     full = [i for i, u in enumerate(renders) if "quality=100" in u]
-    assert len(previews) >= 9 and len(full) >= 10
-    assert sorted(full)[1] > sorted(previews)[8]
+    fetched_previews = 9 if inline else 10
+    assert len(previews) >= fetched_previews and len(full) >= 10
+    assert sorted(full)[1] > sorted(previews)[fetched_previews - 1]
 
 
 def test_slow_link_is_detected_and_the_first_image_is_small(browser, loaded_web, screenshot_dir):
