@@ -699,13 +699,14 @@ def _render_etag(loc: InstanceLocation, frame_number: int, wanted: RenderRequest
     return blake3(f"{loc.checksum}|{frame_number}|{wanted.key}".encode()).hexdigest()[:32]
 
 
-def rendered_image(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> bytes:
-    """Frame ``frame_number`` (1-based) of an instance rendered as ``wanted`` asks, through this process's caches.
+def rendered_image(loc: InstanceLocation, frame_number: int, wanted: RenderRequest, etag: str | None = None) -> bytes:
+    """Frame ``frame_number`` (1-based) of an instance rendered as ``wanted`` asks, through this process's caches
+    (keyed by ``etag``, computed here when the caller has not already).
 
     Raises :class:`FrameNotFound`, :class:`RenderError` (pixels that cannot be rendered) and the
     storage errors of reading the object.
     """
-    etag = _render_etag(loc, frame_number, wanted)
+    etag = etag or _render_etag(loc, frame_number, wanted)
     frames, images = _render_caches()
     image = images.get(etag)
     if image is not None:
@@ -732,7 +733,7 @@ def _render(loc: InstanceLocation, frame_number: int, wanted: RenderRequest) -> 
     if "If-None-Match" in request.headers and etag in request.if_none_match:
         return Response(status=304, headers={"ETag": f'"{etag}"', "Cache-Control": IMMUTABLE})
     try:
-        image = rendered_image(loc, frame_number, wanted)
+        image = rendered_image(loc, frame_number, wanted, etag)
     except FrameNotFound as exc:
         return error(404, str(exc))
     except RenderError as exc:

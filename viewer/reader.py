@@ -35,6 +35,7 @@ from viewer.auth import note_study_viewed, served_pseudonyms
 from viewer.deps import get_archive
 from viewer.measure import ellipse_mask, region_stats
 from viewer.dicomweb import FrameNotFound, RenderRequest, rendered_image
+from viewer.dicomweb import error as _error
 from viewer.render import ImageFormat, RenderError, decode_frame, load_dataset, parse_viewport, parse_window
 from viewer.render.transforms import ModalityTransform, apply_modality_lut
 
@@ -59,10 +60,6 @@ class BadRequest(ValueError):
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), status=status,
                     mimetype="application/json")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json({"status": status, "error": message}, status)
 
 
 @bp.errorhandler(BadRequest)

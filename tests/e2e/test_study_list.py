@@ -11,11 +11,10 @@ branch); the server is the ``web`` fixture of tests/viewer/conftest.py.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pydicom
@@ -27,7 +26,6 @@ from helpers import FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files, write_instance
 from tests.viewer.conftest import ADMIN, ADMIN_PASSWORD
 from tests.viewer.conftest import web  # noqa: F401  (gunicorn on a free port, as a fixture of this module)
 
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 15_000
 
 # Generated studies beside the test data: (PatientID, PatientName, Modality, StudyDate, description)
@@ -46,12 +44,6 @@ GENERATED = [
     ("BN1012", "Hồ^Văn Nam", "DX", "20251113", "X quang bàn tay"),
 ]
 TOTAL = len(GENERATED) + 4  # and the four studies of ../shared/testdata
-
-
-def _require(reason: str) -> None:
-    if os.environ.get("TELEPACS_REQUIRE_BROWSER"):
-        pytest.fail(f"{reason} (TELEPACS_REQUIRE_BROWSER is set)")
-    pytest.skip(reason)
 
 
 @dataclass
@@ -118,21 +110,6 @@ class Watch:
             self.console.append(message.text)
 
 
-@pytest.fixture
-def list_browser() -> Iterator[Any]:
-    """Headless Debian chromium through Playwright."""
-    if not CHROMIUM.exists():
-        _require(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def _log_in(page: Any, url: str) -> None:
     """Open the list: the login page comes first (deny by default), then the list."""
     page.goto(url + "/")
@@ -153,11 +130,11 @@ def _query(page: Any) -> dict[str, list[str]]:
 
 @pytest.mark.browser
 @pytest.mark.timeout(240)
-def test_search_sort_page_language_and_open(list_web: Loaded, list_browser: Any, tmp_path: Path) -> None:
+def test_search_sort_page_language_and_open(list_web: Loaded, browser: Any, tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
     watch = Watch(list_web.url)
-    context = list_browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
     context.route("**/*", watch.route)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -270,12 +247,12 @@ def test_search_sort_page_language_and_open(list_web: Loaded, list_browser: Any,
 
 @pytest.mark.browser
 @pytest.mark.timeout(120)
-def test_tablet_and_phone_layouts(list_web: Loaded, list_browser: Any, tmp_path: Path) -> None:
+def test_tablet_and_phone_layouts(list_web: Loaded, browser: Any, tmp_path: Path) -> None:
     """On a tablet the table fits the screen; on a phone each study is a card with labelled values."""
     shots = tmp_path / "screenshots"
     shots.mkdir()
     for name, width, height in (("tablet", 1024, 768), ("phone", 390, 844)):
-        context = list_browser.new_context(viewport={"width": width, "height": height}, locale="vi-VN",
+        context = browser.new_context(viewport={"width": width, "height": height}, locale="vi-VN",
                                            has_touch=name == "phone")
         page = context.new_page()
         _log_in(page, list_web.url)

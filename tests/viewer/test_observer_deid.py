@@ -7,6 +7,7 @@ requesting doctor still sees the patient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import pydicom
 from sqlalchemy import select
@@ -26,19 +27,36 @@ def _user(session, username: str) -> User:
     return session.execute(select(User).where(User.username == username)).scalar_one()
 
 
-def test_observer_gets_deidentified_headers_and_original_pixels(web, ct_part10_dir):
+@dataclass
+class Observed:
+    """A district study in a consult with an observer of a third facility."""
+
+    original: pydicom.Dataset
+    doctor_token: str
+    observer_token: str
+    pseudonym: str
+
+
+def _observed_study(web, ct_part10_dir, **request_options) -> Observed:
     path = dicom_files(ct_part10_dir)[0]
     web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
     original = pydicom.dcmread(path)
-    study = str(original.StudyInstanceUID)
     web.add_facility("HUB", tier="central")
     doctor_token = web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
     observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
     with web.archive.index.write_session() as session, session.begin():
         consult = svc.create_consult(session, _user(session, "bs.lan"),
-                                     request_for(study_uids=[study], deidentify_for_observers=True))
+                                     request_for(study_uids=[str(original.StudyInstanceUID)], **request_options))
         svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
         pseudonym = f"CONSULT-{consult.id}"
+    return Observed(original, doctor_token, observer_token, pseudonym)
+
+
+def test_observer_gets_deidentified_headers_and_original_pixels(web, ct_part10_dir):
+    seen = _observed_study(web, ct_part10_dir, deidentify_for_observers=True)
+    original, doctor_token, observer_token, pseudonym = (seen.original, seen.doctor_token, seen.observer_token,
+                                                         seen.pseudonym)
+    study = str(original.StudyInstanceUID)
 
     observer, doctor = web.token_session(observer_token), web.token_session(doctor_token)
     base = f"{web.dicomweb}/studies"
@@ -68,17 +86,8 @@ def test_observer_gets_deidentified_headers_and_original_pixels(web, ct_part10_d
 
 
 def test_observer_study_list_shows_the_pseudonym(web, ct_part10_dir):
-    path = dicom_files(ct_part10_dir)[0]
-    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
-    original = pydicom.dcmread(path)
-    web.add_facility("HUB", tier="central")
-    web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
-    web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
-    with web.archive.index.write_session() as session, session.begin():
-        consult = svc.create_consult(session, _user(session, "bs.lan"),
-                                     request_for(study_uids=[str(original.StudyInstanceUID)]))
-        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
-        pseudonym = f"CONSULT-{consult.id}"
+    seen = _observed_study(web, ct_part10_dir)
+    original, pseudonym = seen.original, seen.pseudonym
 
     page = web.login("hv.an", "Observer-pass-123").get(web.url + "/", timeout=30)
     assert page.status_code == 200 and pseudonym in page.text
@@ -91,17 +100,9 @@ def test_observer_study_list_shows_the_pseudonym(web, ct_part10_dir):
 def test_observer_cannot_find_a_deidentified_study_by_its_patient(web, ct_part10_dir):
     """Searching the real name, ID or study date must not bring a pseudonymised study back to an observer:
     the row would be shown under the pseudonym, but its presence would confirm who the patient is."""
-    path = dicom_files(ct_part10_dir)[0]
-    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
-    original = pydicom.dcmread(path)
-    web.add_facility("HUB", tier="central")
-    doctor_token = web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
-    observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
-    with web.archive.index.write_session() as session, session.begin():
-        consult = svc.create_consult(session, _user(session, "bs.lan"),
-                                     request_for(study_uids=[str(original.StudyInstanceUID)]))
-        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
-        pseudonym = f"CONSULT-{consult.id}"
+    seen = _observed_study(web, ct_part10_dir)
+    original, doctor_token, observer_token, pseudonym = (seen.original, seen.doctor_token, seen.observer_token,
+                                                         seen.pseudonym)
     name = str(original.PatientName).split("^")[0]
     searches = [{"PatientName": name + "*"}, {"PatientID": str(original.PatientID)},
                 {"StudyDate": str(original.StudyDate)}]
@@ -123,17 +124,9 @@ def test_observer_cannot_find_a_deidentified_study_by_its_patient(web, ct_part10
 
 
 def test_observer_viewer_header_shows_the_pseudonym(web, ct_part10_dir):
-    path = dicom_files(ct_part10_dir)[0]
-    web.archive.ingest_file(path, Source(via="stow", facility="DIST"))
-    original = pydicom.dcmread(path)
+    seen = _observed_study(web, ct_part10_dir)
+    original, observer_token, pseudonym = seen.original, seen.observer_token, seen.pseudonym
     study = str(original.StudyInstanceUID)
-    web.add_facility("HUB", tier="central")
-    web.add_user("bs.lan", "Doctor-pass-123", role="requester", facility="DIST")
-    observer_token = web.add_user("hv.an", "Observer-pass-123", role="observer", facility="THIRD")
-    with web.archive.index.write_session() as session, session.begin():
-        consult = svc.create_consult(session, _user(session, "bs.lan"), request_for(study_uids=[study]))
-        svc.add_participant(session, consult, _user(session, "bs.lan"), _user(session, "hv.an"), "observer")
-        pseudonym = f"CONSULT-{consult.id}"
 
     observer = web.token_session(observer_token)
     header = observer.get(f"{web.url}/api/viewer/studies/{study}", timeout=30)
