@@ -182,7 +182,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]]] | None = None,
+def read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]]] | None = None,
                      ) -> tuple[Level, str, Dataset, list[MatchKey]]:
     """(level, model name, identifier, keys) of a C-FIND/C-MOVE/C-GET request, or :class:`FindRefused`."""
     request = cast(C_FIND | C_MOVE | C_GET, event.request)
@@ -313,7 +313,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
     """
     ae_title, host = peer_of(event)
     try:
-        level, model_name, identifier, keys = _read_identifier(event)
+        level, model_name, identifier, keys = read_identifier(event)
         rows = find(archive.index, level, keys)
     except FindRefused as exc:
         log.warning("C-FIND from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
@@ -349,12 +349,12 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
 
 # -- C-MOVE and C-GET -----------------------------------------------------------
 
-_MOVE_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+MOVE_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
     str(PatientRootQueryRetrieveInformationModelMove): ("Patient Root", frozenset(Level)),
     str(StudyRootQueryRetrieveInformationModelMove): (
         "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
 }
-_GET_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+GET_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
     str(PatientRootQueryRetrieveInformationModelGet): ("Patient Root", frozenset(Level)),
     str(StudyRootQueryRetrieveInformationModelGet): (
         "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
@@ -372,7 +372,7 @@ _MAX_CONTEXTS = 128
 
 
 @dataclass(frozen=True)
-class _Match:
+class RetrieveMatch:
     """One instance to send: its UID, and its SOP class and transfer syntax (None when it cannot be read)."""
 
     sop_instance_uid: str
@@ -380,7 +380,7 @@ class _Match:
     transfer_syntax: str | None
 
 
-def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
+def retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
     """The unique keys of ``level`` and above with a value; :class:`FindRefused` without the level's own."""
     allowed = {_UNIQUE_KEYS[lv] for lv in _LEVEL_ORDER[:_LEVEL_ORDER.index(level) + 1]}
     matching = [k for k in keys if k.keyword in allowed and str(k.value).strip()]
@@ -390,7 +390,7 @@ def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
     return [MatchKey(k.keyword, k.value) for k in matching]
 
 
-def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Match]:
+def retrieve_matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[RetrieveMatch]:
     """The instances a retrieve identifier selects, with SOP class and transfer syntax from the index.
 
     Only UIDs are held in memory; no stored file is opened until its sub-operation.
@@ -400,7 +400,7 @@ def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Matc
                        if k not in asked)]
     rows = find(archive.index, Level.IMAGE, wanted)
     try:
-        return [_Match(str(row["SOPInstanceUID"]), str(row["SOPClassUID"]) or None,
+        return [RetrieveMatch(str(row["SOPInstanceUID"]), str(row["SOPClassUID"]) or None,
                        str(row["TransferSyntaxUID"]) or None) for row in rows]
     except IndexUnavailable as exc:
         raise FindRefused(int(Status.UNABLE_TO_CALCULATE_MATCHES), str(exc)) from None  # type: ignore[attr-defined]
@@ -408,7 +408,7 @@ def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Matc
         rows.close()  # type: ignore[attr-defined]
 
 
-def _instance(archive: Archive, match: _Match) -> Dataset:
+def _instance(archive: Archive, match: RetrieveMatch) -> Dataset:
     """The stored instance as a dataset; for one that cannot be read, a dataset with only its UID.
 
     pynetdicom cannot send the latter, so it counts the sub-operation as
@@ -427,14 +427,18 @@ def _instance(archive: Archive, match: _Match) -> Dataset:
     return failed
 
 
-def _contexts(matches: list[_Match]) -> list[PresentationContext]:
-    """One requested context per (SOP class, transfer syntax) of the matches, so each goes out as stored."""
+def context_pairs(matches: list[RetrieveMatch]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) of the matches, a presentation context each, so each goes out as stored."""
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in matches
                     if m.sop_class_uid is not None and m.transfer_syntax is not None})
-    return [build_context(sop_class, [ts]) for sop_class, ts in pairs[:_MAX_CONTEXTS]]
+    return pairs[:_MAX_CONTEXTS]
 
 
-def _sub_operations(event: Event, archive: Archive, matches: list[_Match], what: str
+def _contexts(matches: list[RetrieveMatch]) -> list[PresentationContext]:
+    return [build_context(sop_class, [ts]) for sop_class, ts in context_pairs(matches)]
+
+
+def _sub_operations(event: Event, archive: Archive, matches: list[RetrieveMatch], what: str
                     ) -> Iterator[tuple[int, Dataset]]:
     for sent, match in enumerate(matches):
         if event.is_cancelled:
@@ -505,8 +509,8 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         yield None, None
         return
     try:
-        level, model_name, _, keys = _read_identifier(event, _MOVE_LEVELS)
-        matches = _matches(archive, level, _retrieve_keys(level, keys))
+        level, model_name, _, keys = read_identifier(event, MOVE_LEVELS)
+        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
     except FindRefused as exc:
         log.warning("C-MOVE from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield from _refuse_move(destination, exc.status)
@@ -532,8 +536,8 @@ def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
     """
     ae_title, host = peer_of(event)
     try:
-        level, model_name, _, keys = _read_identifier(event, _GET_LEVELS)
-        matches = _matches(archive, level, _retrieve_keys(level, keys))
+        level, model_name, _, keys = read_identifier(event, GET_LEVELS)
+        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
     except FindRefused as exc:
         log.warning("C-GET from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield 1
