@@ -224,14 +224,26 @@ def move_response(request_message_id: int, sop_class_uid: str, status: int, coun
     return encode_command(elements)
 
 
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
 def part10_dataset_offset(stream: BinaryIO) -> int:
-    """Where the data set starts in a stored Part 10 object, from its File Meta Group Length when it has one."""
-    head = stream.read(144)
-    if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
-        offset = 144 + struct.unpack_from("<L", head, 140)[0]
-        stream.seek(offset)
-        if stream.read(2) != b"\x02\x00":  # the group length was right: what follows is not group 0002
-            return offset
+    """Where the data set starts in a stored Part 10 object: after the last group 0002 element.
+
+    The file meta group is walked element by element (Explicit VR Little
+    Endian, PS3.10 7.1) rather than trusted to its group length; anything
+    unusual is left to pydicom.
+    """
+    head = stream.read(132 + 4096)
+    if head[128:132] == b"DICM":
+        position = 132
+        while position + 8 <= len(head):
+            if head[position:position + 2] != b"\x02\x00":
+                return position
+            if head[position + 4:position + 6] in _LONG_VRS:
+                position += 12 + int.from_bytes(head[position + 8:position + 12], "little")
+            else:
+                position += 8 + int.from_bytes(head[position + 6:position + 8], "little")
     return dataset_offset(stream)
 
 
