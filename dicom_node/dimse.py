@@ -109,6 +109,14 @@ class Command:
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     move_destination: str = ""
+    remaining: int = 0  # Number of Remaining/Completed/Failed/Warning Sub-operations (0000,1020-1023)
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+
+_NUMBERS = {0x0100: "field", 0x0110: "message_id", 0x0120: "responded_to", 0x0800: "data_set_type",
+            0x0900: "status", 0x1020: "remaining", 0x1021: "completed", 0x1022: "failed", 0x1023: "warning"}
 
 
 def _text(value: bytes) -> str:
@@ -128,20 +136,11 @@ def decode_command(raw: bytes | bytearray) -> Command:
             raise ProtocolError(f"malformed command set at ({group:04X},{element:04X})")
         value = bytes(view[offset:offset + length])
         offset += length
-        if element in (0x0100, 0x0110, 0x0120, 0x0800, 0x0900):
+        number_field = _NUMBERS.get(element)
+        if number_field is not None:
             if length < 2:
                 raise ProtocolError(f"malformed command element (0000,{element:04X})")
-            number = struct.unpack("<H", value[:2])[0]
-            if element == 0x0100:
-                command.field = number
-            elif element == 0x0110:
-                command.message_id = number
-            elif element == 0x0120:
-                command.responded_to = number
-            elif element == 0x0800:
-                command.data_set_type = number
-            else:
-                command.status = number
+            setattr(command, number_field, struct.unpack("<H", value[:2])[0])
         elif element == 0x0002:
             command.sop_class_uid = _text(value)
         elif element == 0x1000:
@@ -231,25 +230,43 @@ class PduSocket:
                 raise ProtocolError("PDV item length out of range")
             yield context_id, control, self.view[data_start:offset]
 
-    def read_command(self) -> tuple[int, Command]:
-        """(context ID, command) of the next message, which must be one without a data set.
+    def read_message(self) -> tuple[int, Command, bytes | None]:
+        """(context ID, command, data set or None) of the next message.
 
-        A-ABORT and a closed connection raise :class:`PeerGone`; anything
-        else but P-DATA-TF command fragments is a :class:`ProtocolError`.
+        A-ABORT and a closed connection raise :class:`PeerGone`; any PDU but
+        P-DATA-TF, or fragments out of order, a :class:`ProtocolError`.
         """
         command_bytes = bytearray()
+        data_set = bytearray()
+        command: Command | None = None
         while True:
             pdu_type, length = self.read_pdu()
             if pdu_type == PDU_ABORT:
                 raise PeerGone("the peer aborted the association")
             if pdu_type != PDU_P_DATA_TF:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} while a response was awaited")
-            for context_id, control, data in self.pdvs(length):
-                if not control & 0x01:
-                    raise ProtocolError("a data set fragment where a command was expected")
-                command_bytes += data
-                if control & 0x02:
-                    return context_id, decode_command(command_bytes)
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} while a message was awaited")
+            for context_id, control, fragment in self.pdvs(length):
+                if control & 0x01:
+                    if command is not None:
+                        raise ProtocolError("a command fragment while a data set was expected")
+                    command_bytes += fragment
+                    if control & 0x02:
+                        command = decode_command(command_bytes)
+                        if command.data_set_type == NO_DATA_SET:
+                            return context_id, command, None
+                else:
+                    if command is None:
+                        raise ProtocolError("a data set fragment without its command")
+                    data_set += fragment
+                    if control & 0x02:
+                        return context_id, command, bytes(data_set)
+
+    def read_command(self) -> tuple[int, Command]:
+        """(context ID, command) of the next message, which must be one without a data set."""
+        context_id, command, data_set = self.read_message()
+        if data_set is not None:
+            raise ProtocolError(f"a data set with command 0x{command.field:04X} where none was expected")
+        return context_id, command
 
     def send_message(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
         """Send a command and its data set (if any) as P-DATA-TF PDUs within the peer's maximum length.

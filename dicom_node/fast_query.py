@@ -39,6 +39,7 @@ from archive.dataset import dataset_offset
 from archive.matching import InvalidValue, UnsupportedKey
 from archive.service import Archive
 from dicom_node import handlers
+from dicom_node.identifiers import Identifier, encode_elements, read_raw_identifier, response_dataset
 from dicom_node.dimse import (
     APPLICATION_CONTEXT_NAME,
     C_FIND_RSP,
@@ -114,9 +115,13 @@ class QueryEvent:
         self._raw_identifier = raw_identifier
 
     @cached_property
-    def identifier(self) -> Dataset:
-        """Decoded when first read, inside the handlers' own error handling (a bad one gets 0xC000)."""
+    def identifier(self) -> Identifier | Dataset:
+        """Read when first asked for, inside the handlers' own error handling (a bad one gets 0xC000)."""
         implicit, little, deflated = _encoding(self._transfer_syntax)
+        if little and not deflated:
+            identifier = read_raw_identifier(self._raw_identifier, implicit)
+            if identifier is not None:
+                return identifier
         return decode(BytesIO(self._raw_identifier), implicit, little, deflated)
 
     @property
@@ -144,14 +149,18 @@ def serve_find(assoc: Association, message_id: int, sop_class_uid: str, context_
     ts = assoc.transfer_syntax(context_id)
     implicit, little, deflated = _encoding(ts)
     event = QueryEvent(assoc, message_id, sop_class_uid, ts, raw_identifier)
-    responses = handlers.handle_find(cast(Any, event), assoc.archive)
+    responses = handlers.find_matches(cast(Any, event), assoc.archive)
     final = SUCCESS
     try:
-        for status, identifier in responses:
+        for status, elements in responses:
             if status not in (PENDING, PENDING_WARNING):
                 final = status
                 break
-            data = encode(identifier, implicit, little, deflated) if identifier is not None else None
+            data = None
+            if elements is not None:
+                data = encode_elements(elements, implicit) if little and not deflated else None
+                if data is None:
+                    data = encode(response_dataset(elements), implicit, little, deflated)
             if data is None:
                 log.error("C-FIND from %s: a matching identifier could not be encoded in %s", assoc.peer(), ts)
                 final = UNABLE_TO_PROCESS
@@ -163,7 +172,7 @@ def serve_find(assoc: Association, message_id: int, sop_class_uid: str, context_
         log.exception("C-FIND from %s failed (0xC000)", assoc.peer())
         final = UNABLE_TO_PROCESS
     finally:
-        responses.close()  # type: ignore[attr-defined]  # a generator
+        responses.close()
     assoc.link.send_message(context_id, find_response(message_id, sop_class_uid, final, False))
 
 

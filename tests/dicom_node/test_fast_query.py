@@ -124,20 +124,14 @@ def test_destination_aborting_mid_move_fails_the_rest_and_lists_them(loaded, cap
         client.link.send_message(context_id, *_move_request(4, "DEST"))
         status = PENDING
         while status == PENDING:
-            pdu_type, length = client.link.read_pdu()
-            assert pdu_type == 0x04
-            command_bytes, data = bytearray(), bytearray()
-            for _, control, fragment in client.link.pdvs(length):
-                (command_bytes if control & 0x01 else data).extend(fragment)
-            command = decode(io.BytesIO(bytes(command_bytes)), True, True)
-            status = command.Status
+            _, response, data = client.link.read_message()
+            status = response.status
     finally:
         client.release()
         server.shutdown()
-    assert status == 0xB000
-    assert command.NumberOfCompletedSuboperations == 2
-    assert command.NumberOfFailedSuboperations == len(MR_FILES) - 2
-    failed = decode(io.BytesIO(bytes(data)), False, True).FailedSOPInstanceUIDList
+    assert status == 0xB000 and data is not None
+    assert response.completed == 2 and response.failed == len(MR_FILES) - 2
+    failed = decode(io.BytesIO(data), False, True).FailedSOPInstanceUIDList
     assert len(failed) == len(MR_FILES) - 2 and not set(failed) & set(received)
     assert any("the sub-association broke" in r.getMessage() for r in caplog.records)
 
