@@ -314,44 +314,39 @@ class StoreSubAssociation:
             raise
         return cls(link, accepted)
 
-    def store(self, archive: Archive, match: handlers.RetrieveMatch, originator_ae: str,
+    def store(self, match: handlers.RetrieveMatch, stream: BinaryIO, originator_ae: str,
               originator_message_id: int) -> int:
-        """Send one stored instance; the destination's C-STORE-RSP status.
+        """Send one stored instance from its open ``stream`` (closed here); the destination's C-STORE-RSP status.
 
         :class:`SubOperationFailed` when it cannot be sent (the association
         stays usable), :class:`DestinationError` when the association broke.
         """
-        key = (match.sop_class_uid or "", match.transfer_syntax or "")
-        context_id = self.contexts.get(key)
-        if context_id is None:
-            raise SubOperationFailed(f"the destination accepted no presentation context for {key[0]} in {key[1]}")
-        try:
-            stream = archive.open_instance(match.sop_instance_uid)
-        except (StorageError, OSError) as exc:
-            raise SubOperationFailed(f"cannot be read from storage: {type(exc).__name__}: {exc}") from None
-        self._message_id = self._message_id % 0xFFFF + 1  # US, 1..65535
-        message_id = self._message_id
-        command = encode_command([
-            (0x0002, uid(key[0])),
-            (0x0100, us(C_STORE_RQ)),
-            (0x0110, us(message_id)),
-            (0x0700, us(0x0000)),  # Priority: medium
-            (0x0800, us(DATA_SET_PRESENT)),
-            (0x1000, uid(match.sop_instance_uid)),
-            (0x1030, ae(originator_ae)),
-            (0x1031, us(originator_message_id)),
-        ])
-        try:
-            with stream:
-                try:
-                    stream.seek(part10_dataset_offset(stream))
-                except (StorageError, OSError, ValueError, EOFError, struct.error) as exc:
-                    raise SubOperationFailed(f"is not a readable Part 10 object: {type(exc).__name__}: {exc}") \
-                        from None
+        with stream:
+            key = (match.sop_class_uid or "", match.transfer_syntax or "")
+            context_id = self.contexts.get(key)
+            if context_id is None:
+                raise SubOperationFailed(f"the destination accepted no presentation context for {key[0]} in {key[1]}")
+            try:
+                stream.seek(part10_dataset_offset(stream))
+            except (StorageError, OSError, ValueError, EOFError, struct.error) as exc:
+                raise SubOperationFailed(f"is not a readable Part 10 object: {type(exc).__name__}: {exc}") from None
+            self._message_id = self._message_id % 0xFFFF + 1  # US, 1..65535
+            message_id = self._message_id
+            command = encode_command([
+                (0x0002, uid(key[0])),
+                (0x0100, us(C_STORE_RQ)),
+                (0x0110, us(message_id)),
+                (0x0700, us(0x0000)),  # Priority: medium
+                (0x0800, us(DATA_SET_PRESENT)),
+                (0x1000, uid(match.sop_instance_uid)),
+                (0x1030, ae(originator_ae)),
+                (0x1031, us(originator_message_id)),
+            ])
+            try:
                 self._send_data_set(context_id, command, stream)
-            _, response = self.link.read_command()
-        except (OSError, PeerGone, ProtocolError) as exc:
-            raise DestinationError(f"the sub-association broke: {type(exc).__name__}: {exc}") from None
+                _, response = self.link.read_command()
+            except (OSError, PeerGone, ProtocolError) as exc:
+                raise DestinationError(f"the sub-association broke: {type(exc).__name__}: {exc}") from None
         if response.field != C_STORE_RSP or response.responded_to != message_id:
             raise DestinationError(f"expected the C-STORE-RSP to message {message_id}, got command "
                                    f"0x{response.field:04X} to {response.responded_to}")
@@ -444,6 +439,7 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
     except DestinationError as exc:
         log.error("%s refused (0xA801): %s", what, exc)
         return MOVE_DESTINATION_UNKNOWN
+    opened = archive.open_instances([match.sop_instance_uid for match in matches])
     released = False
     try:
         for match in matches:
@@ -451,11 +447,14 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
                 log.info("%s cancelled after %d of %d sub-operations", what,
                          len(matches) - counts.remaining, len(matches))
                 return CANCEL
+            _, stream, why = next(opened)
+            status: int | None = None
             try:
-                status: int | None = sub.store(archive, match, assoc.calling_ae, message_id)
+                if stream is None:
+                    raise SubOperationFailed(why)
+                status = sub.store(match, stream, assoc.calling_ae, message_id)
             except SubOperationFailed as exc:
                 log.error("instance %s not sent: %s", match.sop_instance_uid, exc)
-                status = None
             except DestinationError as exc:
                 log.error("%s: %s; %d sub-operations not done", what, exc, counts.remaining)
                 for left in matches[len(matches) - counts.remaining:]:
@@ -472,5 +471,6 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
                  counts.completed, counts.failed, counts.warning)
         return counts.final_status()
     finally:
+        opened.close()
         if not released:
             sub.release()

@@ -255,3 +255,31 @@ def test_dataset_offset_from_the_group_length_agrees_with_pydicom(tmp_path):
         real = dataset_offset(f)
     assert part10_dataset_offset(io.BytesIO(bytes(raw))) == real
     assert pydicom.dcmread(io.BytesIO(bytes(raw)), force=True).SOPInstanceUID
+
+
+def test_open_instances_looks_keys_up_a_batch_at_a_time_and_names_what_it_cannot_open(loaded):
+    arc, _, _ = loaded
+    uids = [read_uids(path)[2] for path in MR_FILES]
+    missing = uids[70]
+    key = arc.index.object_keys([missing])[missing]
+    data = arc.store.get_bytes(key)
+    arc.store.delete(key)
+    try:
+        queries = []
+        original = arc.index.object_keys
+        arc.index.object_keys = lambda chunk: queries.append(len(chunk)) or original(chunk)  # type: ignore[method-assign]
+        try:
+            results = []
+            for uid, stream, why in arc.open_instances([*uids, "1.2.3.999"], batch=50):
+                if stream is None:
+                    results.append((uid, why))
+                else:
+                    with stream:
+                        assert stream.read(132)[128:] == b"DICM"
+        finally:
+            del arc.index.object_keys
+    finally:
+        arc.store.put_bytes(key, data)  # the module's other tests keep their 144 instances
+    assert queries == [50, 50, 45]
+    assert [uid for uid, _ in results] == [missing, "1.2.3.999"]
+    assert "cannot be read from storage" in results[0][1] and "no longer in the index" in results[1][1]
