@@ -57,6 +57,7 @@ ABORT_REASON_NOT_SPECIFIED = 0x00
 RELEASE_RQ_PDU = PDU_HEADER.pack(PDU_RELEASE_RQ, 4) + b"\x00" * 4
 RELEASE_RP_PDU = PDU_HEADER.pack(PDU_RELEASE_RP, 4) + b"\x00" * 4
 UNLIMITED_PDU = 1 << 20  # what we send in when the peer's maximum is 0 ("no limit")
+HOLD_BYTES = 32 * 1024  # the most send_message(hold=True) keeps back
 
 
 class ProtocolError(Exception):
@@ -193,6 +194,8 @@ class PduSocket:
         self.view = memoryview(self.buffer)
         # The most we put in one P-DATA-TF PDU's variable field.
         self.send_limit = peer_max if peer_max > 0 else UNLIMITED_PDU
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         sock.settimeout(timeout)
 
     def _read_exact(self, count: int) -> None:
@@ -268,10 +271,15 @@ class PduSocket:
             raise ProtocolError(f"a data set with command 0x{command.field:04X} where none was expected")
         return context_id, command
 
-    def send_message(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
+    def send_message(self, context_id: int, command: bytes, data_set: bytes | None = None, *,
+                     hold: bool = False) -> None:
         """Send a command and its data set (if any) as P-DATA-TF PDUs within the peer's maximum length.
 
         Small messages (a C-FIND response) go out as one PDU with both PDVs.
+        With ``hold``, the PDUs may wait for the next message (at most
+        ``HOLD_BYTES``), so that a run of pending responses goes out in a few
+        system calls and segments rather than one each; a message sent without
+        ``hold`` sends everything held before it.
         """
         limit = self.send_limit - 6  # one PDV item header per PDU
         pdus = [p_data_command(context_id, command)] if len(command) <= limit else \
@@ -286,7 +294,18 @@ class PduSocket:
             else:
                 pdus.append(first)
             pdus.extend(rest)
-        self.sock.sendall(b"".join(pdus))
+        self._held.extend(pdus)
+        self._held_bytes += sum(len(pdu) for pdu in pdus)
+        if not hold or self._held_bytes >= HOLD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the PDUs held back by ``send_message(..., hold=True)``."""
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_bytes = 0
+            self.sock.sendall(data)
 
     @staticmethod
     def pdu(context_id: int, control: int, data: bytes) -> bytes:

@@ -151,6 +151,7 @@ def serve_find(assoc: Association, message_id: int, sop_class_uid: str, context_
     event = QueryEvent(assoc, message_id, sop_class_uid, ts, raw_identifier)
     responses = handlers.find_matches(cast(Any, event), assoc.archive)
     final = SUCCESS
+    sent = 0
     try:
         for status, elements in responses:
             if status not in (PENDING, PENDING_WARNING):
@@ -165,7 +166,10 @@ def serve_find(assoc: Association, message_id: int, sop_class_uid: str, context_
                 log.error("C-FIND from %s: a matching identifier could not be encoded in %s", assoc.peer(), ts)
                 final = UNABLE_TO_PROCESS
                 break
-            assoc.link.send_message(context_id, find_response(message_id, sop_class_uid, status, True), data)
+            # The first match goes out at once; the next ones in batches (the final response flushes them).
+            assoc.link.send_message(context_id, find_response(message_id, sop_class_uid, status, True), data,
+                                    hold=sent > 0)
+            sent += 1
     except (PeerGone, ProtocolError, OSError):
         raise
     except Exception:  # noqa: BLE001 - a bug must cost this query, not the association
