@@ -58,6 +58,7 @@ RELEASE_RQ_PDU = PDU_HEADER.pack(PDU_RELEASE_RQ, 4) + b"\x00" * 4
 RELEASE_RP_PDU = PDU_HEADER.pack(PDU_RELEASE_RP, 4) + b"\x00" * 4
 UNLIMITED_PDU = 1 << 20  # what we send in when the peer's maximum is 0 ("no limit")
 HOLD_BYTES = 32 * 1024  # the most send_message(hold=True) keeps back
+_IOV_MAX = 1024  # buffers per sendmsg (Linux UIO_MAXIOV)
 
 
 class ProtocolError(Exception):
@@ -298,6 +299,20 @@ class PduSocket:
         self._held_bytes += sum(len(pdu) for pdu in pdus)
         if not hold or self._held_bytes >= HOLD_BYTES:
             self.flush()
+
+    def send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        """Send what is held, then ``buffers`` (whole PDUs), in as few ``sendmsg`` calls as the kernel takes."""
+        views = [memoryview(buffer) for buffer in [*self._held, *buffers] if len(buffer)]
+        self._held.clear()
+        self._held_bytes = 0
+        first = 0
+        while first < len(views):
+            sent = self.sock.sendmsg(views[first:first + _IOV_MAX])
+            while first < len(views) and sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
 
     def flush(self) -> None:
         """Send the PDUs held back by ``send_message(..., hold=True)``."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import threading
 from pathlib import Path
 from typing import Iterator
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -28,7 +26,7 @@ from dicom_node.fast_query import (
     SUCCESS,
     StoreSubAssociation,
     SubOperations,
-    part10_dataset_offset,
+    data_set_lead,
 )
 from helpers import MR_STUDY_DIR, dicom_files, node_archive, read_uids, running_node
 from tests.peers import StorescpServer, free_port, run_storescu
@@ -241,20 +239,45 @@ def test_sub_operation_counts_and_final_status():
     assert SubOperations(remaining=0).final_status() == SUCCESS
 
 
-def test_dataset_offset_from_the_group_length_agrees_with_pydicom(tmp_path):
+class _Unseekable(io.RawIOBase):
+    """A stream that can only be read forward (an object streamed from S3)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        chunk = self._data.read(min(len(buffer), 1000))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_the_data_set_is_found_past_the_file_meta_group_without_seeking(tmp_path):
     from archive.dataset import dataset_offset
 
     for path in MR_FILES[:3]:
+        raw = Path(path).read_bytes()
         with open(path, "rb") as f:
-            expected = dataset_offset(f)
-            assert part10_dataset_offset(f) == expected
+            expected = raw[dataset_offset(f):]
+        stream = io.BufferedReader(_Unseekable(raw))
+        assert data_set_lead(stream) + stream.read() == expected
     # A wrong File Meta Group Length does not matter: the group is walked element by element.
     raw = bytearray(Path(MR_FILES[0]).read_bytes())
     raw[140:144] = (int.from_bytes(raw[140:144], "little") - 8).to_bytes(4, "little")
-    with open(MR_FILES[0], "rb") as f:
-        real = dataset_offset(f)
-    assert part10_dataset_offset(io.BytesIO(bytes(raw))) == real
-    assert pydicom.dcmread(io.BytesIO(bytes(raw)), force=True).SOPInstanceUID
+    stream = io.BufferedReader(_Unseekable(bytes(raw)))
+    assert data_set_lead(stream) + stream.read() == expected_first(MR_FILES[0])
+    with pytest.raises(ValueError):
+        data_set_lead(io.BufferedReader(_Unseekable(b"\x00" * 200)))
+
+
+def expected_first(path: Path) -> bytes:
+    from archive.dataset import dataset_offset
+
+    with open(path, "rb") as f:
+        f.seek(dataset_offset(f))
+        return f.read()
 
 
 def test_open_instances_looks_keys_up_a_batch_at_a_time_and_names_what_it_cannot_open(loaded):
@@ -270,9 +293,9 @@ def test_open_instances_looks_keys_up_a_batch_at_a_time_and_names_what_it_cannot
         arc.index.object_keys = lambda chunk: queries.append(len(chunk)) or original(chunk)  # type: ignore[method-assign]
         try:
             results = []
-            for uid, stream, why in arc.open_instances([*uids, "1.2.3.999"], batch=50):
+            for sop, stream, why in arc.open_instances([*uids, "1.2.3.999"], batch=50):
                 if stream is None:
-                    results.append((uid, why))
+                    results.append((sop, why))
                 else:
                     with stream:
                         assert stream.read(132)[128:] == b"DICM"

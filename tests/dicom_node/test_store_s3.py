@@ -109,3 +109,34 @@ def test_s3_without_spool_refuses_at_once_when_down(own_s3_server, tmp_path):
     finally:
         own_s3_server.start()
         archive.close()
+
+
+def test_move_from_s3_sends_the_stored_bytes(s3_server, tmp_path):
+    """C-MOVE of a series whose objects are only in S3 (the spool drained): read as a stream, sent unchanged."""
+    from helpers import MR_STUDY_DIR, read_uids
+    from tests.dicom_node.test_retrieve import DEST_AE, DWI_SERIES_UID, MR_STUDY_UID, movescu, received
+    from tests.peers import StorescpServer, free_port
+
+    dest_port = free_port()
+    bucket = new_bucket()
+    archive = node_archive(tmp_path, storage_url=s3_server.url(bucket),
+                           move_destinations=f"{DEST_AE}=127.0.0.1:{dest_port}")
+    dwi = [p for p in dicom_files(MR_STUDY_DIR) if read_uids(p)[1] == DWI_SERIES_UID]
+    out = tmp_path / "out"
+    out.mkdir()
+    with running_node(archive):
+        assert send(archive, dwi).returncode == 0
+        assert archive.store.drain(60)
+        assert list((archive.settings.spool_dir / "ready").glob("*.data")) == []
+        with archive.open_instance(read_uids(dwi[0])[2]) as stream:
+            assert not stream.seekable()  # streamed from S3, as every sub-operation below reads it
+        with StorescpServer(out_dir=out, aet=DEST_AE, port=dest_port):
+            run = movescu(archive, "SERIES", {"StudyInstanceUID": MR_STUDY_UID, "SeriesInstanceUID": DWI_SERIES_UID})
+    assert run.returncode == 0, run.stdout + run.stderr
+    direct = make_s3_store(s3_server, bucket)
+    stored = {}
+    for uid, row in indexed(archive).items():
+        obj = tmp_path / "o.dcm"
+        obj.write_bytes(direct.get_bytes(row.object_key))
+        stored[uid] = part10_dataset_bytes(obj)
+    assert received(out) == stored and len(stored) == 14
