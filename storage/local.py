@@ -155,8 +155,13 @@ class LocalObjectStore:
         return self._tmp / f".tmp-{uuid.uuid4().hex}"
 
     def _commit(self, tmp: Path, path: Path) -> None:
-        self._make_parent(path)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)  # the parent usually exists (an instance of a series seen before)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            self._make_parent(path)
+            os.replace(tmp, path)
         fsync_dir(path.parent)
 
     def _write_atomic(self, key: str, path: Path, fill: Callable[[int], None]) -> None:
