@@ -150,3 +150,15 @@ def test_ingest_after_the_index_connections_were_killed(tmp_path, pg_server):
         assert arc.index.counts()["instances"] == 3
     finally:
         arc.close()
+
+
+def test_fast_path_sqlite_connections_commit_durably(sqlite_archive):
+    """The pooled connections get the engine's connect settings: WAL, synchronous=FULL, busy timeout."""
+    raw = sqlite_archive.index._raw
+    with raw.transaction() as cur:
+        cur.execute("PRAGMA synchronous")
+        assert cur.fetchone()[0] == 2  # FULL: a commit is on disk when it returns
+        cur.execute("PRAGMA journal_mode")
+        assert cur.fetchone()[0] == "wal"
+        cur.execute("PRAGMA busy_timeout")
+        assert cur.fetchone()[0] == 30000
