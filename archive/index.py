@@ -295,6 +295,18 @@ class CatalogIndex:
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
         return IndexedInstance(*rows[0]) if rows else None
 
+    def object_keys(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """SOP Instance UID -> object key of those of ``sop_instance_uids`` that are indexed (one query)."""
+        if not sop_instance_uids:
+            return {}
+        stmt = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.object_key).where(
+            _INSTANCES.c.sop_instance_uid.in_(bindparam("sops", expanding=True)))
+        try:
+            with self.engine.connect() as conn:
+                return {uid: key for uid, key in conn.execute(stmt, {"sops": list(sop_instance_uids)})}
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
+
     def instance_locations(self, study_uid: str, series_uid: str | None = None,
                            sop_instance_uid: str | None = None) -> list[InstanceLocation]:
         """The instances of a study (or of one series, or one instance), in series and display order."""

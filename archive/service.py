@@ -25,7 +25,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Generator, Iterable, Iterator, Sequence
 
 from blake3 import blake3
 from sqlalchemy.exc import SQLAlchemyError
@@ -417,6 +417,30 @@ class Archive:
         if found is None:
             raise ObjectNotFound(f"instance {sop_instance_uid} is not in the index")
         return self.store.open(found.object_key)
+
+    def open_instances(self, sop_instance_uids: Sequence[str], batch: int = 500
+                       ) -> Generator[tuple[str, BinaryIO | None, str], None, None]:
+        """Each instance's stored object, opened in turn as the caller advances (the caller closes it).
+
+        Object keys are looked up ``batch`` UIDs at a time (a retrieve of
+        thousands of instances is a handful of index queries, not one per
+        instance). Yields (UID, object, "") or, for one that cannot be
+        opened, (UID, None, why).
+        """
+        for start in range(0, len(sop_instance_uids), batch):
+            chunk = sop_instance_uids[start:start + batch]
+            keys = self.index.object_keys(chunk)
+            for uid in chunk:
+                key = keys.get(uid)
+                if key is None:
+                    yield uid, None, "it is no longer in the index"
+                    continue
+                try:
+                    stream = self.store.open(key)
+                except (StorageError, OSError) as exc:
+                    yield uid, None, f"cannot be read from storage: {type(exc).__name__}: {exc}"
+                    continue
+                yield uid, stream, ""
 
     # -- recovery ----------------------------------------------------------
 

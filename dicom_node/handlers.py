@@ -12,17 +12,14 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Generator, Iterator, cast
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import DataElement
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.events import Event
@@ -43,6 +40,15 @@ from archive.matching import InvalidValue, Level, MatchKey, UnsupportedKey, pars
 from archive.query import find
 from archive.service import Archive, Expected, IngestError, IngestFailure
 from dicom_node import polling
+from dicom_node.identifiers import (
+    CONTROL_KEYS,
+    Elements,
+    Identifier,
+    ResponseKeys,
+    identifier_of,
+    response_dataset,
+    response_elements,
+)
 from storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -158,8 +164,6 @@ _FIND_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
     str(StudyRootQueryRetrieveInformationModelFind): (
         "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
 }
-# Identifier elements that steer the query rather than match (PS3.4 C.4.1.1.3, C.4.1.2.1).
-_CONTROL_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
 # What a malformed identifier raises when pydicom decodes its elements lazily.
 _DECODE_ERRORS = (InvalidDicomError, BytesLengthException, ValueError, TypeError, KeyError, IndexError, EOFError,
                   struct.error, NotImplementedError)
@@ -173,18 +177,13 @@ class FindRefused(Exception):
         self.status = status
 
 
-def _as_text(value: Any) -> str:
-    """An identifier element's value as a matching string (multiple values backslash-joined)."""
-    if value is None:
-        return ""
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+def read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]]] | None = None,
+                     ) -> tuple[Level, str, Identifier, list[MatchKey]]:
+    """(level, model name, identifier, keys) of a C-FIND/C-MOVE/C-GET request, or :class:`FindRefused`.
 
-
-def _read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]]] | None = None,
-                     ) -> tuple[Level, str, Dataset, list[MatchKey]]:
-    """(level, model name, identifier, keys) of a C-FIND/C-MOVE/C-GET request, or :class:`FindRefused`."""
+    ``event.identifier`` is pynetdicom's decoded Dataset, or an :class:`Identifier`
+    telepacs' own upper layer read from the bytes.
+    """
     request = cast(C_FIND | C_MOVE | C_GET, event.request)
     model = (_FIND_LEVELS if models is None else models).get(str(request.AffectedSOPClassUID or ""))
     if model is None:  # not negotiated in build_ae, so not expected here
@@ -192,12 +191,12 @@ def _read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]
                           f"unsupported information model {request.AffectedSOPClassUID}")
     model_name, levels = model
     try:
-        identifier = event.identifier
-        elements = [elem for elem in identifier if not elem.tag.is_private and elem.keyword]
-        values = {elem.keyword: ("" if elem.VR == "SQ" else _as_text(elem.value)) for elem in elements}
+        source = event.identifier
+        identifier = source if isinstance(source, Identifier) else identifier_of(source)
     except _DECODE_ERRORS as exc:
         raise FindRefused(int(Status.UNABLE_TO_PROCESS),  # type: ignore[attr-defined]
                           f"the identifier cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    values = identifier.values()
     if not values.get("QueryRetrieveLevel", "").strip():
         raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),  # type: ignore[attr-defined]
                           "the identifier has no QueryRetrieveLevel")
@@ -211,7 +210,7 @@ def _read_identifier(event: Event, models: dict[str, tuple[str, frozenset[Level]
                           f"the {model_name} information model has no {level.value} level")
     # PatientName is always matched case- and diacritic-insensitively (see handle_find).
     keys = [MatchKey(keyword, value, fuzzy=True if keyword == "PatientName" else None)
-            for keyword, value in values.items() if keyword not in _CONTROL_KEYS]
+            for keyword, value in values.items() if keyword not in CONTROL_KEYS]
     return level, model_name, identifier, keys
 
 
@@ -234,65 +233,25 @@ def _encodable(texts: list[str], charset: Any) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class _ResponseKeys:
-    """What every pending response of one C-FIND carries: the identifier's keys, read once per request.
-
-    Each key is (tag, VR, keyword); sequences go back empty, RetrieveAETitle
-    and InstanceAvailability are ours to fill, the rest come from the row.
-    """
-
-    keys: tuple[tuple[BaseTag, str, str], ...]
-    charset: Any
-
-    @classmethod
-    def of(cls, identifier: Dataset) -> _ResponseKeys:
-        keys = tuple((elem.tag, str(elem.VR), elem.keyword) for elem in identifier
-                     if not elem.tag.is_private and elem.keyword and elem.keyword not in _CONTROL_KEYS)
-        return cls(keys, identifier.get("SpecificCharacterSet"))
-
-
-_QUERY_LEVEL = BaseTag(0x00080052)  # QueryRetrieveLevel
-_CHARSET = BaseTag(0x00080005)  # SpecificCharacterSet
-_RETRIEVE_AE = BaseTag(0x00080054)  # RetrieveAETitle
-
-
-def _put(ds: Dataset, tag: BaseTag, vr: str, value: Any) -> None:
-    ds.add(DataElement(tag, vr, value, validation_mode=pydicom.config.IGNORE))
-
-
-def _response(keys: _ResponseKeys, level: Level, row: dict[str, str | int], retrieve_ae: str) -> Dataset:
-    """A pending response's identifier: every key asked for, filled from ``row`` or empty.
-
-    The values are the index's own (checked when they were received), so the
-    elements are built without pydicom's per-value validation: at thousands
-    of matches that validation was most of a C-FIND's time.
-    """
-    rsp = Dataset()
-    for tag, vr, keyword in keys.keys:
-        if vr == "SQ":
-            value: Any = Sequence()
-        elif keyword == "RetrieveAETitle":
-            value = retrieve_ae
-        elif keyword == "InstanceAvailability":
-            value = "ONLINE"
-        else:
-            value = row.get(keyword, "")
-        _put(rsp, tag, vr, value)
-    _put(rsp, _QUERY_LEVEL, "CS", level.value)
-    charset = keys.charset
+def response_charset(query_charset: Any, row: dict[str, str | int]) -> Any:
+    """The SpecificCharacterSet of a match: the query's, or ISO_IR 192 when a value needs it (None: default)."""
     texts = [v for v in row.values() if isinstance(v, str) and not v.isascii()]
-    if charset is not None and _encodable(texts, charset):
-        _put(rsp, _CHARSET, "CS", charset)
-    elif texts:
-        _put(rsp, _CHARSET, "CS", "ISO_IR 192")
-    elif charset is not None:
-        _put(rsp, _CHARSET, "CS", charset)
-    _put(rsp, _RETRIEVE_AE, "AE", retrieve_ae)
-    return rsp
+    if query_charset is not None and _encodable(texts, query_charset):
+        return query_charset
+    return "ISO_IR 192" if texts else query_charset
 
 
 def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND for pynetdicom: :func:`find_matches`, each match as a pydicom Dataset."""
+    matches = find_matches(event, archive)
+    try:
+        for status, elements in matches:
+            yield status, None if elements is None else response_dataset(elements)
+    finally:
+        matches.close()
+
+
+def find_matches(event: Event, archive: Archive) -> Generator[tuple[int, Elements | None], None, None]:
     """C-FIND (Patient Root and Study Root, PATIENT to IMAGE level): one pending response per match.
 
     Matches are read from :func:`archive.query.find` as they stream from the
@@ -313,7 +272,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
     """
     ae_title, host = peer_of(event)
     try:
-        level, model_name, identifier, keys = _read_identifier(event)
+        level, model_name, identifier, keys = read_identifier(event)
         rows = find(archive.index, level, keys)
     except FindRefused as exc:
         log.warning("C-FIND from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
@@ -324,7 +283,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
         yield int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), None  # type: ignore[attr-defined]
         return
     retrieve_ae = archive.settings.ae_title
-    response_keys = _ResponseKeys.of(identifier)
+    response_keys = ResponseKeys.of(identifier)
     matches = 0
     try:
         for row in rows:
@@ -335,7 +294,8 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
                 return
             matches += 1
             # 0xFF00 Pending: matches are continuing, current match supplied.
-            yield int(Status.PENDING), _response(response_keys, level, row, retrieve_ae)
+            yield int(Status.PENDING), response_elements(response_keys, level.value, row, retrieve_ae,
+                                                         response_charset(identifier.charset, row))
     except IndexUnavailable as exc:
         log.error("C-FIND from %s@%s failed after %d matches (0xA700): %s", ae_title, host, matches, exc)
         yield int(Status.OUT_OF_RESOURCES), None  # type: ignore[attr-defined]  # 0xA700 Refused: Out of Resources
@@ -349,12 +309,12 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int, Dataset |
 
 # -- C-MOVE and C-GET -----------------------------------------------------------
 
-_MOVE_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+MOVE_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
     str(PatientRootQueryRetrieveInformationModelMove): ("Patient Root", frozenset(Level)),
     str(StudyRootQueryRetrieveInformationModelMove): (
         "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
 }
-_GET_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
+GET_LEVELS: dict[str, tuple[str, frozenset[Level]]] = {
     str(PatientRootQueryRetrieveInformationModelGet): ("Patient Root", frozenset(Level)),
     str(StudyRootQueryRetrieveInformationModelGet): (
         "Study Root", frozenset({Level.STUDY, Level.SERIES, Level.IMAGE})),
@@ -372,7 +332,7 @@ _MAX_CONTEXTS = 128
 
 
 @dataclass(frozen=True)
-class _Match:
+class RetrieveMatch:
     """One instance to send: its UID, and its SOP class and transfer syntax (None when it cannot be read)."""
 
     sop_instance_uid: str
@@ -380,7 +340,7 @@ class _Match:
     transfer_syntax: str | None
 
 
-def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
+def retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
     """The unique keys of ``level`` and above with a value; :class:`FindRefused` without the level's own."""
     allowed = {_UNIQUE_KEYS[lv] for lv in _LEVEL_ORDER[:_LEVEL_ORDER.index(level) + 1]}
     matching = [k for k in keys if k.keyword in allowed and str(k.value).strip()]
@@ -390,7 +350,7 @@ def _retrieve_keys(level: Level, keys: list[MatchKey]) -> list[MatchKey]:
     return [MatchKey(k.keyword, k.value) for k in matching]
 
 
-def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Match]:
+def retrieve_matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[RetrieveMatch]:
     """The instances a retrieve identifier selects, with SOP class and transfer syntax from the index.
 
     Only UIDs are held in memory; no stored file is opened until its sub-operation.
@@ -400,7 +360,7 @@ def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Matc
                        if k not in asked)]
     rows = find(archive.index, Level.IMAGE, wanted)
     try:
-        return [_Match(str(row["SOPInstanceUID"]), str(row["SOPClassUID"]) or None,
+        return [RetrieveMatch(str(row["SOPInstanceUID"]), str(row["SOPClassUID"]) or None,
                        str(row["TransferSyntaxUID"]) or None) for row in rows]
     except IndexUnavailable as exc:
         raise FindRefused(int(Status.UNABLE_TO_CALCULATE_MATCHES), str(exc)) from None  # type: ignore[attr-defined]
@@ -408,7 +368,7 @@ def _matches(archive: Archive, level: Level, keys: list[MatchKey]) -> list[_Matc
         rows.close()  # type: ignore[attr-defined]
 
 
-def _instance(archive: Archive, match: _Match) -> Dataset:
+def _instance(archive: Archive, match: RetrieveMatch) -> Dataset:
     """The stored instance as a dataset; for one that cannot be read, a dataset with only its UID.
 
     pynetdicom cannot send the latter, so it counts the sub-operation as
@@ -427,14 +387,18 @@ def _instance(archive: Archive, match: _Match) -> Dataset:
     return failed
 
 
-def _contexts(matches: list[_Match]) -> list[PresentationContext]:
-    """One requested context per (SOP class, transfer syntax) of the matches, so each goes out as stored."""
+def context_pairs(matches: list[RetrieveMatch]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) of the matches, a presentation context each, so each goes out as stored."""
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in matches
                     if m.sop_class_uid is not None and m.transfer_syntax is not None})
-    return [build_context(sop_class, [ts]) for sop_class, ts in pairs[:_MAX_CONTEXTS]]
+    return pairs[:_MAX_CONTEXTS]
 
 
-def _sub_operations(event: Event, archive: Archive, matches: list[_Match], what: str
+def _contexts(matches: list[RetrieveMatch]) -> list[PresentationContext]:
+    return [build_context(sop_class, [ts]) for sop_class, ts in context_pairs(matches)]
+
+
+def _sub_operations(event: Event, archive: Archive, matches: list[RetrieveMatch], what: str
                     ) -> Iterator[tuple[int, Dataset]]:
     for sent, match in enumerate(matches):
         if event.is_cancelled:
@@ -505,8 +469,8 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         yield None, None
         return
     try:
-        level, model_name, _, keys = _read_identifier(event, _MOVE_LEVELS)
-        matches = _matches(archive, level, _retrieve_keys(level, keys))
+        level, model_name, _, keys = read_identifier(event, MOVE_LEVELS)
+        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
     except FindRefused as exc:
         log.warning("C-MOVE from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield from _refuse_move(destination, exc.status)
@@ -532,8 +496,8 @@ def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
     """
     ae_title, host = peer_of(event)
     try:
-        level, model_name, _, keys = _read_identifier(event, _GET_LEVELS)
-        matches = _matches(archive, level, _retrieve_keys(level, keys))
+        level, model_name, _, keys = read_identifier(event, GET_LEVELS)
+        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
     except FindRefused as exc:
         log.warning("C-GET from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield 1

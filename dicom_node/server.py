@@ -37,8 +37,8 @@ MAX_PDU = 1 << 20  # 1 MiB: fewer PDUs (and fewer reactor turns) per instance
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with SO_REUSEPORT on the listener and TCP_NODELAY on connections.
 
-    With ``archive`` set, associations that only store (and echo) are served
-    by :mod:`dicom_node.fast_store`; all others by pynetdicom.
+    With ``archive`` set, associations that only store, echo, find and move
+    are served by :mod:`dicom_node.fast_store`; all others by pynetdicom.
     """
 
     reuse_port = False
@@ -57,7 +57,7 @@ class NodeServer(ThreadedAssociationServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.archive is not None:
             timeouts = (float(self.ae.acse_timeout or 30), float(self.ae.network_timeout or 60))
-            if fast_store.serve_if_storage(request, client_address, self.archive, self.contexts,
+            if fast_store.serve_if_fast(request, client_address, self.archive, self.contexts,
                                            self.ae.maximum_pdu_size, timeouts):
                 self.shutdown_request(request)  # pynetdicom's association threads close their own; we close ours
                 return

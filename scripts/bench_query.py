@@ -371,6 +371,66 @@ class FindClient:
         self.assoc.release()
 
 
+class LeanFindClient:
+    """A minimal blocking C-FIND SCU (telepacs' own ``dicom_node.dimse`` message layer) over one association.
+
+    pynetdicom's SCU spends about a millisecond of its own per response (its
+    DUL thread, queues and decoding), which hides the servers' difference
+    on large answers. This client sends the request, reads every response
+    and decodes each identifier (as any client would), nothing more. It is
+    the default client for both servers; ``--client pynetdicom`` keeps the other.
+    """
+
+    def __init__(self, host: str, port: int, called_aet: str) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+        from dicom_node.fast_query import StoreSubAssociation
+
+        self.model = str(StudyRootQueryRetrieveInformationModelFind)
+        self.assoc = StoreSubAssociation.open((host, port), SCU_AET, called_aet,
+                                              [(self.model, "1.2.840.10008.1.2.1")], 120)
+        context = self.assoc.contexts.get((self.model, "1.2.840.10008.1.2.1"))
+        if context is None:
+            raise PeerError(f"C-FIND context refused by {called_aet}@{host}:{port}")
+        self.context = context
+        self.message_id = 0
+
+    def find(self, query: Query) -> tuple[float, float, int]:
+        """(seconds to the first response, seconds to the final response, matches)."""
+        from io import BytesIO
+
+        from pynetdicom.dsutils import decode, encode
+
+        from dicom_node.dimse import encode_command, uid, us
+
+        self.message_id = self.message_id % 0xFFFF + 1
+        command = encode_command([(0x0002, uid(self.model)), (0x0100, us(0x0020)), (0x0110, us(self.message_id)),
+                                  (0x0700, us(0)), (0x0800, us(1))])
+        data = encode(identifier(query), False, True)
+        matches, first = 0, 0.0
+        t0 = time.perf_counter()
+        self.assoc.link.send_message(self.context, command, data)
+        while True:
+            _, response, data_set = self.assoc.link.read_message()
+            if not first:
+                first = time.perf_counter() - t0
+            if response.status in (0xFF00, 0xFF01):
+                matches += 1
+                if data_set is not None:
+                    decode(BytesIO(data_set), False, True).get("StudyInstanceUID")
+            elif response.status != 0x0000:
+                raise PeerError(f"C-FIND {query}: status 0x{response.status:04X}")
+            else:
+                return first, time.perf_counter() - t0, matches
+
+    def close(self) -> None:
+        self.assoc.release()
+
+
+CLIENTS = {"lean": LeanFindClient, "pynetdicom": FindClient}
+client_kind = "lean"  # set from --client in main()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
@@ -387,7 +447,7 @@ def quiet_pynetdicom() -> None:
 
 def time_queries(host: str, port: int, aet: str, queries: list[Query], warmup: int = 5) -> dict[str, dict[str, Any]]:
     """p50/p95 latency (ms) and match counts per query kind, over one association."""
-    client = FindClient(host, port, aet)
+    client = CLIENTS[client_kind](host, port, aet)
     try:
         for query in queries[:warmup]:  # first-use costs (imports, caches, plans) are not latency
             client.find(query)
@@ -763,7 +823,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = []
     m = result["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; Python {m['python']}, "
-                 f"pynetdicom {m['pynetdicom']}, {m['orthanc']}; telepacs {m['telepacs_commit']}")
+                 f"pynetdicom {m['pynetdicom']}, {m['orthanc']}; telepacs {m['telepacs_commit']}; "
+                 f"C-FIND client: {result.get('client', 'pynetdicom')}")
     for label, block in result["large"].items():
         if block["find"]:
             lines.append(f"\n### C-FIND, {block['instances']:,} instances / {block['studies']:,} studies, {label} "
@@ -849,6 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-studies", type=int, default=300, help="studies of the Orthanc comparison")
     parser.add_argument("--move-repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: large, find / qido (the C-FIND / QIDO part of large), small, move")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="lean",
+                        help="C-FIND client for every server: a minimal DIMSE client (default) or pynetdicom's SCU")
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--data-dir", type=Path, help="keep generated files here and reuse them between runs")
     parser.add_argument("--out", type=Path, default=Path("bench-output/query.json"), help="JSON results")
@@ -902,7 +965,9 @@ def bench_large(args: argparse.Namespace, backend: str, temp_root: Path) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global client_kind
     args = build_parser().parse_args(argv)
+    client_kind = args.client
     if args.quick:
         args.instances, args.studies, args.repeats = 20_000, 2_000, 40
         args.small_studies, args.move_repeats = 60, 2
@@ -915,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     out_path = args.out if args.out.is_absolute() else Path.cwd() / args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"command": [sys.executable] + sys.argv, "machine": machine_info(),
+    result: dict[str, Any] = {"command": [sys.executable] + sys.argv, "machine": machine_info(), "client": client_kind,
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                               "large": {}}
     failures: list[str] = []

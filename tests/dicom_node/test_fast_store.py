@@ -12,18 +12,17 @@ from pynetdicom import build_context
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
 
 from archive.dataset import TELEPACS_IMPLEMENTATION_UID
-from dicom_node.fast_store import (
-    C_STORE_RQ,
-    Command,
-    decode_command,
-    encode_command,
-    file_meta,
-    parse_associate_rq,
-    store_response,
-)
+from dicom_node.dimse import C_STORE_RQ, Command, decode_command, encode_command
+from dicom_node.fast_store import file_meta, parse_associate_rq, store_response
 from helpers import TS_DIR, dicom_files, node_archive, part10_dataset_bytes, running_node, scu
 from tests.dicom_node.test_store import stored_instances
 from tests.peers import run_storescu
@@ -51,17 +50,21 @@ def _rq_pdu(contexts, *, roles=(), calling="RAWSCU", called="TELEPACS") -> bytes
 # -- units --------------------------------------------------------------------------------
 
 
-def test_only_pure_storage_associations_are_taken():
+def test_storage_find_and_move_associations_are_taken_get_is_not():
     storage = parse_associate_rq(_rq_pdu([build_context(CTImageStorage), build_context(Verification)]))
-    assert storage.only_storage and storage.calling_ae == "RAWSCU" and storage.peer_max_pdu == 16384
+    assert storage.served_here and storage.calling_ae == "RAWSCU" and storage.peer_max_pdu == 16384
     query = parse_associate_rq(_rq_pdu([build_context(CTImageStorage),
-                                        build_context(StudyRootQueryRetrieveInformationModelFind)]))
-    assert not query.only_storage
+                                        build_context(StudyRootQueryRetrieveInformationModelFind),
+                                        build_context(PatientRootQueryRetrieveInformationModelMove)]))
+    assert query.served_here
+    get = parse_associate_rq(_rq_pdu([build_context(StudyRootQueryRetrieveInformationModelFind),
+                                      build_context(StudyRootQueryRetrieveInformationModelGet)]))
+    assert not get.served_here
     role = SCP_SCU_RoleSelectionNegotiation()
     role.sop_class_uid = CTImageStorage
     role.scu_role, role.scp_role = False, True
     with_roles = parse_associate_rq(_rq_pdu([build_context(CTImageStorage)], roles=[role]))
-    assert not with_roles.only_storage
+    assert not with_roles.served_here
 
 
 def test_command_encoding_round_trips_and_matches_pydicom():
