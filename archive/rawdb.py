@@ -14,6 +14,7 @@ does, ``BEGIN`` on PostgreSQL). SQLite and PostgreSQL run the same code.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ class RawConnections:
         self._sqlite = engine.dialect.name == "sqlite"
         self._begin = "BEGIN IMMEDIATE" if self._sqlite else "BEGIN"
         self._idle: list[Any] = []
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._compiled: dict[int, tuple[ClauseElement, CompiledStatement]] = {}
 
@@ -87,6 +89,9 @@ class RawConnections:
 
     def _take(self) -> tuple[Any, bool]:
         with self._lock:
+            if self._pid != os.getpid():
+                # A forked child must not talk over its parent's connections (nor close them).
+                self._idle, self._pid = [], os.getpid()
             if self._idle:
                 return self._idle.pop(), True
         return self._open(), False

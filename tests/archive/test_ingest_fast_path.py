@@ -162,3 +162,21 @@ def test_fast_path_sqlite_connections_commit_durably(sqlite_archive):
         assert cur.fetchone()[0] == "wal"
         cur.execute("PRAGMA busy_timeout")
         assert cur.fetchone()[0] == 30000
+
+
+def test_a_forked_child_opens_its_own_connections(sqlite_archive):
+    raw = sqlite_archive.index._raw
+    ingest_path(sqlite_archive, dicom_files(SERIES_DIR)[0])
+    assert raw._idle  # the parent keeps pooled connections
+    parent_idle = list(raw._idle)
+    pid = os.fork()
+    if pid == 0:  # the child: must not take one of its parent's connections
+        code = 1
+        try:
+            conn, pooled = raw._take()
+            code = 0 if not pooled and all(conn is not c for c in parent_idle) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert raw._idle == parent_idle  # and the parent's pool is as it was
