@@ -216,24 +216,35 @@ def encode_elements(elements: Elements, implicit_vr: bool) -> bytes | None:
         raw = _value_bytes(vr, value, codec)
         if raw is None:
             return None
-        group, number = tag >> 16, tag & 0xFFFF
-        if implicit_vr:
-            parts.append(struct.pack("<HHL", group, number, len(raw)))
-        elif vr in _LONG_VRS:
-            parts.append(struct.pack("<HH2sHL", group, number, vr.encode("ascii"), 0, len(raw)))
-        elif len(raw) > 0xFFFF:
+        prefix, length_format, limit = _element_prefix(tag, vr, implicit_vr)
+        if len(raw) > limit:
             return None
-        else:
-            parts.append(struct.pack("<HH2sH", group, number, vr.encode("ascii"), len(raw)))
+        parts.append(prefix)
+        parts.append(struct.pack(length_format, len(raw)))
         parts.append(raw)
     return b"".join(parts)
 
 
+@lru_cache(maxsize=1024)
+def _element_prefix(tag: int, vr: str, implicit_vr: bool) -> tuple[bytes, str, int]:
+    """(tag, VR and reserved bytes; the length's struct format; the largest length it holds) of an element."""
+    group, number = tag >> 16, tag & 0xFFFF
+    if implicit_vr:
+        return struct.pack("<HH", group, number), "<L", 0xFFFFFFFE
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sH", group, number, vr.encode("ascii"), 0), "<L", 0xFFFFFFFE
+    return struct.pack("<HH2s", group, number, vr.encode("ascii")), "<H", 0xFFFF
+
+
 def _value_bytes(vr: str, value: Any, codec: str) -> bytes | None:
-    if vr == "SQ":
-        return b""  # an empty sequence of defined length
-    if value is None or value == "":
-        return b""
+    if vr == "SQ" or value is None or value == "":
+        return b""  # an empty value (a sequence: empty, of defined length)
+    if type(value) is str and vr in _TEXT_VRS:
+        try:
+            raw = value.encode(codec if vr in _CHARSET_VRS else "ascii")
+        except UnicodeEncodeError:
+            return None
+        return raw + (b"\x00" if vr == "UI" else b" ") if len(raw) % 2 else raw
     if vr in _BINARY_NUMBERS:
         numbers: Iterable[Any] = value if isinstance(value, (list, tuple, MultiValue)) else [value]
         try:

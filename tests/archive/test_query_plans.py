@@ -64,9 +64,10 @@ def test_folded_name_prefix_uses_an_index(loaded: Archive) -> None:
     assert expected in plan, plan
 
 
-def test_postgresql_sessions_cost_random_reads_as_on_ssd(archive: Archive) -> None:
-    """Every telepacs session on PostgreSQL plans with random_page_cost 1.1 (archive.db), including
-    the per-thread lookup connections; SQLite has no such setting."""
+def test_postgresql_sessions_cost_random_reads_as_on_ssd_and_plan_cursors_for_all_rows(archive: Archive) -> None:
+    """Every telepacs session on PostgreSQL plans with random_page_cost 1.1 and plans cursors for
+    their whole answer (archive.db), including the per-thread lookup connections; SQLite has no such
+    settings."""
     from archive.db import POSTGRES_RANDOM_PAGE_COST
 
     engine = archive.index.engine
@@ -74,8 +75,10 @@ def test_postgresql_sessions_cost_random_reads_as_on_ssd(archive: Archive) -> No
         pytest.skip("a PostgreSQL planner setting")
     with engine.connect() as conn:
         assert float(conn.exec_driver_sql("SHOW random_page_cost").scalar_one()) == POSTGRES_RANDOM_PAGE_COST
+        assert float(conn.exec_driver_sql("SHOW cursor_tuple_fraction").scalar_one()) == 1.0
     reader = archive.index._readers._connection()
     assert float(reader.execute("SHOW random_page_cost").fetchone()[0]) == POSTGRES_RANDOM_PAGE_COST
+    assert float(reader.execute("SHOW cursor_tuple_fraction").fetchone()[0]) == 1.0
 
 
 def test_pattern_indexes_exist_only_on_postgresql(archive: Archive) -> None:
