@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Literal
 import pydicom
 import pydicom.charset
 import pydicom.datadict
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
@@ -86,9 +86,17 @@ _TEXT_DELIMITERS = set(pydicom.charset.TEXT_VR_DELIMS) | {0x5C}
 
 
 @functools.lru_cache(maxsize=None)
-def _tag_for_keyword(keyword: str) -> BaseTag | None:
+def _tag_for_keyword(keyword: str) -> int | None:
     tag = pydicom.datadict.tag_for_keyword(keyword)
-    return BaseTag(tag) if tag is not None else None
+    return int(tag) if tag is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return pydicom.datadict.dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 class _Values:
@@ -100,36 +108,64 @@ class _Values:
     that was most of the cost of parsing. Plain text, numbers and names are
     decoded here; anything else (already converted, deferred, unusual VR)
     falls back to pydicom.
+
+    The elements are looked up by plain ``int`` tag: pydicom's ``BaseTag`` keys
+    compare through a Python ``__eq__``, which made each lookup cost a microsecond.
     """
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
+    def __init__(self, ds: Dataset | None = None, *,
+                 elements: dict[BaseTag, DataElement | RawDataElement] | None = None) -> None:
+        self._ds = ds
+        self._source = ds._dict if ds is not None else (elements or {})
+        self._elements: dict[int, Any] = {int(tag): elem for tag, elem in self._source.items()}
         self._encodings: list[str] | None = None
+
+    @property
+    def ds(self) -> Dataset:
+        """The elements as a pydicom dataset (built only when a value needs pydicom's conversion)."""
+        if self._ds is None:
+            self._ds = Dataset(self._source)
+        return self._ds
 
     def _charset(self) -> list[str]:
         if self._encodings is None:
-            self._encodings = pydicom.charset.convert_encodings(self.ds.get("SpecificCharacterSet"))
+            declared = self.text("SpecificCharacterSet")
+            if declared is not None and "\\" in declared:
+                self._encodings = pydicom.charset.convert_encodings(declared.split("\\"))
+            else:
+                self._encodings = pydicom.charset.convert_encodings(declared)
         return self._encodings
 
-    def _raw(self, keyword: str) -> tuple[str, RawDataElement, bytes] | None:
+    def _raw(self, keyword: str) -> tuple[str, RawDataElement, bytes] | None | Literal[False]:
+        """(VR, element, bytes) of a raw element; False when the dataset has no such element;
+        None when pydicom must convert the value."""
         tag = _tag_for_keyword(keyword)
-        elem = self.ds._dict.get(tag) if tag is not None else None
+        if tag is None:
+            return None
+        elem = self._elements.get(tag)
+        if elem is None:
+            return False
         if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
             return None
-        try:
-            vr = elem.VR or pydicom.datadict.dictionary_VR(elem.tag)
-        except KeyError:
+        vr = elem.VR or _dictionary_vr(tag)
+        if vr is None:
             return None
         return vr, elem, elem.value
 
     def text(self, keyword: str) -> str | None:
         """The value as text (multiple values joined by backslash), or None when absent."""
         found = self._raw(keyword)
+        if found is False:
+            return None
         if found is not None:
             vr, elem, raw = found
             if vr in _CHARSET_VRS:
-                delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
-                text = pydicom.charset.decode_bytes(raw, self._charset(), delimiters)
+                if raw.isascii() and 0x1B not in raw:
+                    # ASCII without ISO 2022 escapes reads the same in every character set DICOM allows.
+                    text = raw.decode("ascii")
+                else:
+                    delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
+                    text = pydicom.charset.decode_bytes(raw, self._charset(), delimiters)
                 return "\\".join(v.strip(" \x00") for v in text.split("\\")).strip()
             if vr in _ASCII_VRS:
                 text = raw.decode("ascii", "replace")
@@ -265,7 +301,18 @@ def read_instance(path: Path, *, fast_scan: bool = True) -> tuple[ParsedInstance
 
     ``fast_scan=False`` reads with pydicom only (the scan's reference in tests).
     """
+    parsed, meta = _read(path, fast_scan)
+    return parsed, meta if isinstance(meta, FileMetaDataset) else FileMetaDataset(meta)
+
+
+def parse_instance(path: Path) -> ParsedInstance:
+    """:func:`read_instance` without the file meta dataset (what ingest needs)."""
+    return _read(path, True)[0]
+
+
+def _read(path: Path, fast_scan: bool) -> tuple[ParsedInstance, FileMetaDataset | dict[BaseTag, Any]]:
     size = path.stat().st_size
+    meta: FileMetaDataset | dict[BaseTag, Any]
     try:
         if not fast_scan:
             raise ScanUnsupported("pydicom requested")
@@ -275,13 +322,15 @@ def read_instance(path: Path, *, fast_scan: bool = True) -> tuple[ParsedInstance
         raise InvalidDataset(f"{path.name}: truncated: {exc}") from None
     except ScanUnsupported:
         ds, meta, offset = _read_with_pydicom(path, size)
+        values = _Values(ds)
     else:
-        ds = Dataset(header.elements)
-        meta = FileMetaDataset(header.meta)
+        values = _Values(elements=header.elements)
+        meta = header.meta
         offset = header.dataset_offset
-    values = _Values(ds)
     try:
-        transfer_syntax = validate_uid(_Values(meta).text("TransferSyntaxUID"), "TransferSyntaxUID")
+        transfer_syntax = validate_uid(_Values(elements=meta).text("TransferSyntaxUID")
+                                       if isinstance(meta, dict) else _Values(meta).text("TransferSyntaxUID"),
+                                       "TransferSyntaxUID")
         sop_instance_uid = validate_uid(values.text("SOPInstanceUID"), "SOPInstanceUID")
         sop_class_uid = validate_uid(values.text("SOPClassUID"), "SOPClassUID")
         study_uid = validate_uid(values.text("StudyInstanceUID"), "StudyInstanceUID")

@@ -54,10 +54,10 @@ def _configure_sqlite(engine: Engine) -> None:
         # Write transactions take the lock up front (IMMEDIATE): concurrent
         # ingesters queue on busy_timeout instead of failing when a read
         # transaction upgrades. Reads stay deferred and never block writers (WAL).
-        if conn.get_execution_options().get(WRITE_OPTION):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # Straight on the DBAPI connection: exec_driver_sql ran the whole statement machinery
+        # (execution context, cursor events) for every transaction of every request.
+        begin = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN"
+        conn.connection.dbapi_connection.execute(begin)
 
 
 def load_json(text: str | bytes) -> Any:

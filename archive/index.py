@@ -14,13 +14,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from archive.dataset import ParsedInstance, fold_name
 from archive.db import write_engine
+from archive.rawdb import RawConnections
 from archive.models import (
     Base,
     Facility,
@@ -162,6 +163,13 @@ _BUMP_SERIES = (
     .values(num_instances=_SERIES.c.num_instances + 1)
 )
 
+_INSERT_INSTANCE = insert(_INSTANCES)
+# The columns the fast path inserts (what _instance_values() gives, in its order).
+_INSTANCE_COLUMNS = ["sop_instance_uid", "series_fk", "sop_class_uid", "instance_number", "transfer_syntax_uid",
+                     "number_of_frames", "rows", "columns", "slice_position", "display", "object_key", "size",
+                     "checksum", "dataset_checksum", "source_ae", "source_host", "facility", "received_via",
+                     "received_at"]
+
 _PATIENT_CHECKED = (("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"), ("sex", "PatientSex"))
 
 
@@ -252,10 +260,14 @@ class CatalogIndex:
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._known_series = _LRU(4096)
         self._readers = _ThreadReaders(engine)
+        self._raw = RawConnections(engine)
+        self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self._dbapi_integrity_error: type[Exception] = engine.dialect.loaded_dbapi.IntegrityError
 
     def close(self) -> None:
         """Close the lookup connections and the engine's pool."""
         self._readers.close()
+        self._raw.close()
         self.engine.dispose()
 
     def session(self) -> Session:
@@ -276,12 +288,12 @@ class CatalogIndex:
     # -- lookups ---------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
+        """The indexed instance with this SOP Instance UID (committed state), or None."""
         try:
-            with self.engine.connect() as conn:
-                row = conn.execute(_FIND_INSTANCE, {"sop": sop_instance_uid}).first()
-        except SQLAlchemyError as exc:
+            rows = self._raw.fetch(_FIND_INSTANCE, {"sop": sop_instance_uid})
+        except (SQLAlchemyError, self._dbapi_error) as exc:
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None
-        return IndexedInstance(*row) if row else None
+        return IndexedInstance(*rows[0]) if rows else None
 
     def object_keys(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
         """SOP Instance UID -> object key of those of ``sop_instance_uids`` that are indexed (one query)."""
@@ -398,8 +410,7 @@ class CatalogIndex:
             known = self._known_series.get(parsed.series_uid) if replaces is None else None
             if known is not None:
                 try:
-                    with self._write_engine.begin() as conn:
-                        self._record_known(conn, known, parsed, stored, source)
+                    self._record_known(known, parsed, stored, source)
                     return
                 except _StaleCache:
                     self._known_series.clear()
@@ -407,27 +418,39 @@ class CatalogIndex:
                 known = self._record(s, parsed, stored, source, replaces)
             self._known_series.remember(parsed.series_uid, known)
         except IntegrityError as exc:
-            if "sop_instance_uid" in str(exc.orig) or "instances" in str(exc.orig):
-                raise ConcurrentInsert(parsed.sop_instance_uid) from None
-            raise IndexUnavailable(f"index refused instance {parsed.sop_instance_uid}: {exc.orig}") from None
+            self._raise_integrity(parsed, exc.orig)
+        except self._dbapi_integrity_error as exc:  # the fast path runs on DBAPI connections
+            self._raise_integrity(parsed, exc)
         except DBAPIError as exc:
             raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc.orig}") from None
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, self._dbapi_error) as exc:
             raise IndexUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}") from None
 
-    def _record_known(
-        self, conn: Connection, known: _KnownSeries, p: ParsedInstance, stored: StoredObject, source: Source
-    ) -> None:
+    @staticmethod
+    def _raise_integrity(parsed: ParsedInstance, orig: BaseException | None) -> None:
+        if "sop_instance_uid" in str(orig) or "instances" in str(orig):
+            raise ConcurrentInsert(parsed.sop_instance_uid) from None
+        raise IndexUnavailable(f"index refused instance {parsed.sop_instance_uid}: {orig}") from None
+
+    def _record_known(self, known: _KnownSeries, p: ParsedInstance, stored: StoredObject, source: Source) -> None:
+        """The fast path: two counter UPDATEs and one INSERT in one transaction, on a DBAPI connection."""
         received = (p.patient_name, p.patient_birth_date, p.patient_sex)
         if any(new and new != old for new, old in zip(received, known.demographics)):
             raise _StaleCache("demographics differ: the full path records the conflict")
         now = utcnow()
-        # Lock order as on the full path (study, then series), so PostgreSQL never deadlocks.
-        if conn.execute(_BUMP_STUDY, {"b_study": known.study_id, "b_now": now}).rowcount != 1:
-            raise _StaleCache(p.study_uid)
-        if conn.execute(_BUMP_SERIES, {"b_series": known.series_id}).rowcount != 1:
-            raise _StaleCache(p.series_uid)
-        conn.execute(insert(_INSTANCES), _instance_values(p, stored, source, known.series_id, now))
+        raw = self._raw
+        bump_study, bump_series = raw.statement(_BUMP_STUDY), raw.statement(_BUMP_SERIES)
+        insert_instance = raw.statement(_INSERT_INSTANCE, _INSTANCE_COLUMNS)
+        with raw.transaction() as cur:
+            # Lock order as on the full path (study, then series), so PostgreSQL never deadlocks.
+            cur.execute(bump_study.sql, bump_study.parameters({"b_study": known.study_id, "b_now": now}))
+            if cur.rowcount != 1:
+                raise _StaleCache(p.study_uid)
+            cur.execute(bump_series.sql, bump_series.parameters({"b_series": known.series_id}))
+            if cur.rowcount != 1:
+                raise _StaleCache(p.series_uid)
+            cur.execute(insert_instance.sql,
+                        insert_instance.parameters(_instance_values(p, stored, source, known.series_id, now)))
 
     def _record(
         self, s: Session, p: ParsedInstance, stored: StoredObject, source: Source, replaces: IndexedInstance | None

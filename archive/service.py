@@ -15,8 +15,10 @@ without its object, nor an object left behind by a failed ingest.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,7 +31,7 @@ from blake3 import blake3
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive.config import DuplicatePolicy, Settings
-from archive.dataset import InvalidDataset, ParsedInstance, read_instance, wrap_raw_dataset
+from archive.dataset import InvalidDataset, ParsedInstance, parse_instance, wrap_raw_dataset
 from archive.db import describe_db_url, make_engine, upgrade_schema
 from archive.index import CatalogIndex, ConcurrentInsert, IndexedInstance, IndexUnavailable, Source, StoredObject
 from archive.keys import object_key, parse_object_key, InvalidUID
@@ -130,6 +132,27 @@ def _stream_checksum(stream: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+class _IncomingNames:
+    """Names for incoming files: ``in-{pid}-{token}-{n}{suffix}``, unique across threads and processes.
+
+    The counter is an ``itertools.count`` (``next`` on it is atomic under the GIL); the
+    random token tells apart processes that reuse a pid, and a forked worker (new pid) picks
+    a new token before its first name.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self, suffix: str) -> str:
+        pid = os.getpid()
+        if pid != self._pid:
+            self._prefix = f"in-{pid}-{secrets.token_hex(4)}-"
+            self._pid = pid
+        return f"{self._prefix}{next(self._counter)}{suffix}"
+
+
 class Archive:
     """Ingest, look up and read instances; wires an :class:`ObjectStore` to a :class:`CatalogIndex`."""
 
@@ -138,7 +161,9 @@ class Archive:
         self.store = store
         self.index = index
         self._ae_facilities: dict[str, tuple[float, str | None]] = {}
-        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._incoming_dir = settings.incoming_dir
+        self._incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._incoming_names = _IncomingNames()
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, drain_spool: bool = True) -> Archive:
@@ -191,10 +216,20 @@ class Archive:
     # -- ingest ------------------------------------------------------------
 
     def new_incoming_path(self, suffix: str = ".dcm") -> Path:
-        """A fresh temporary path on the data dir's file system (so storing can be a rename)."""
-        fd, name = tempfile.mkstemp(prefix="in-", suffix=suffix, dir=self.settings.incoming_dir)
-        os.close(fd)
-        return Path(name)
+        """A fresh, empty file on the data dir's file system (so storing can be a rename).
+
+        Created with O_EXCL under a name unique to this process (see :class:`_IncomingNames`):
+        ``tempfile.mkstemp`` cost ~0.3 ms per received instance (random names from a shared
+        generator, a lock, and a retry loop written for untrusted directories).
+        """
+        while True:
+            path = self._incoming_dir / self._incoming_names.next(suffix)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # a leftover of an earlier process that had the same pid and token
+            os.close(fd)
+            return path
 
     def remove_stale_incoming(self, older_than: float = _STALE_INCOMING_SECONDS) -> int:
         """Delete temporary files left by a crash or a dropped association; returns how many."""
@@ -228,7 +263,7 @@ class Archive:
         while the file was written (e.g. as it arrived) spare reading it again.
         """
         try:
-            parsed, _meta = read_instance(path)
+            parsed = parse_instance(path)
         except InvalidDataset as exc:
             raise self._refuse(IngestFailure.INVALID_DATASET, str(exc), source) from None
         self._check_expected(parsed, expected, source)
@@ -424,7 +459,7 @@ class Archive:
             try:
                 with self.store.open(key) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, _HASH_CHUNK)
-                parsed, _ = read_instance(tmp)
+                parsed = parse_instance(tmp)
                 sums = part10_checksums(tmp, parsed.dataset_offset)
                 if object_key(parsed.study_uid, parsed.series_uid, parsed.sop_instance_uid) != key:
                     log.warning("reindex: %s holds instance %s of another key; skipped", key, parsed.sop_instance_uid)

@@ -8,6 +8,7 @@ missing key) so callers catch one exception type whatever the backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -27,6 +28,9 @@ class ObjectNotFound(StorageError):
     """No object is stored under the requested key."""
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a valid object key, else raise ``ValueError``.
 
@@ -42,7 +46,7 @@ def validate_key(key: str) -> str:
         raise ValueError(f"object key {key!r} is absolute")
     if "\\" in key:
         raise ValueError(f"object key {key!r} contains a backslash")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in key):
+    if _CONTROL_CHARACTER.search(key):
         raise ValueError(f"object key {key!r} contains a NUL or control character")
     for part in key.split("/"):
         if part == "":

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TMP_DIR = ".tmp"
 STALE_TMP_SECONDS = 3600.0
 _COPY_BUFSIZE = 1 << 20
+_CHECKED_DIRS = 4096
 
 
 def fsync_dir(path: Path) -> None:
@@ -88,6 +89,9 @@ class LocalObjectStore:
         except OSError as exc:
             raise StorageError(os_error_message(exc, "creating", str(self._tmp))) from exc
         self._real_root = Path(os.path.realpath(self.root))
+        self._tmp_dev = os.stat(self._tmp).st_dev
+        # Parent directories (relative) already seen to resolve inside the root; see _dest_path().
+        self._checked_dirs: dict[str, None] = {}
         remove_stale_temp_files(self._tmp)
 
     def __repr__(self) -> str:
@@ -104,6 +108,30 @@ class LocalObjectStore:
         if os.path.commonpath([real, str(self._real_root)]) != str(self._real_root):
             raise ValueError(f"object key {key!r} escapes the store root {self.root}")
         return path
+
+    def _dest_path(self, key: str) -> Path:
+        """The path to write ``key`` to: :meth:`_path`'s checks, with the realpath walk done once per directory.
+
+        Resolving the whole path on every put cost a few stat calls per component for each
+        instance of a series. A write replaces the final component (``os.replace`` does not
+        follow a symlink there), so only the parent directory must resolve inside the root;
+        that answer is remembered once the directory exists. Swapping a checked directory
+        for a symlink afterwards takes write access to the store root itself.
+        """
+        validate_key(key)
+        parent, _, _name = key.rpartition("/")
+        if parent in self._checked_dirs:
+            return self.root / key
+        if key.split("/", 1)[0] == TMP_DIR:
+            raise ValueError(f"object key {key!r} uses the reserved name {TMP_DIR!r}")
+        real = os.path.realpath(self.root / parent) if parent else str(self._real_root)
+        if os.path.commonpath([real, str(self._real_root)]) != str(self._real_root):
+            raise ValueError(f"object key {key!r} escapes the store root {self.root}")
+        if parent and os.path.isdir(real):
+            if len(self._checked_dirs) >= _CHECKED_DIRS:
+                self._checked_dirs.clear()
+            self._checked_dirs[parent] = None
+        return self.root / key
 
     def _where(self, key: str) -> str:
         return f"{key} under {self.root}"
@@ -127,8 +155,13 @@ class LocalObjectStore:
         return self._tmp / f".tmp-{uuid.uuid4().hex}"
 
     def _commit(self, tmp: Path, path: Path) -> None:
-        self._make_parent(path)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)  # the parent usually exists (an instance of a series seen before)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            self._make_parent(path)
+            os.replace(tmp, path)
         fsync_dir(path.parent)
 
     def _write_atomic(self, key: str, path: Path, fill: Callable[[int], None]) -> None:
@@ -149,7 +182,7 @@ class LocalObjectStore:
             raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+        path = self._dest_path(key)
 
         def fill(fd: int) -> None:
             view = memoryview(data)
@@ -160,13 +193,13 @@ class LocalObjectStore:
         self._write_atomic(key, path, fill)
 
     def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
-        dest = self._path(key)
+        dest = self._dest_path(key)
         src = Path(path)
         try:
             src_dev = os.stat(src).st_dev
         except OSError as exc:
             raise StorageError(os_error_message(exc, "reading", str(src))) from exc
-        if move and src_dev == os.stat(self._tmp).st_dev:
+        if move and src_dev == self._tmp_dev:
             try:
                 fd = os.open(src, os.O_RDONLY)
                 try:

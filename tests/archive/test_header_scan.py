@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 
 from archive.dataset import InvalidDataset, read_instance
-from archive.header_scan import HEAD_BYTES, ScanUnsupported, scan_part10
+from archive.header_scan import FIRST_WINDOW, HEAD_BYTES, ScanUnsupported, scan_part10
 from helpers import CT_RAW_DIR, FMRI_DIR, MR_STUDY_DIR, TS_DIR, dicom_files
 
 
@@ -131,6 +131,22 @@ def test_header_beyond_the_scan_window_falls_back(tmp_path):
         scan_part10(fp, path.stat().st_size)
     parsed, _ = read_instance(path)
     assert parsed.instance_number == 7
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_header_beyond_the_first_window_is_scanned_in_the_whole_window(tmp_path, transfer_syntax):
+    ds = _dataset()
+    blob = bytes(range(256)) * ((FIRST_WINDOW + 4096) // 256)  # ends past the first read, within HEAD_BYTES
+    ds.add_new(0x00291010, "OB", blob)
+    path = _write(ds, tmp_path / "wide.dcm", transfer_syntax)
+    with open(path, "rb") as fp:
+        header = scan_part10(fp, path.stat().st_size)  # no ScanUnsupported: the second read reaches it
+    assert header.elements[0x00291010].value == blob
+    assert read_instance(path)[0] == read_instance(path, fast_scan=False)[0]
+    cut = tmp_path / "wide-cut.dcm"
+    cut.write_bytes(path.read_bytes()[: FIRST_WINDOW + 100])  # truncated inside the blob
+    with pytest.raises(InvalidDataset, match="truncated"):
+        read_instance(cut)
 
 
 def _encapsulated(tmp_path, fragments: list[bytes]):

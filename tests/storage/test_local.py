@@ -136,3 +136,29 @@ def test_open_store_local(tmp_path):
     assert s2.description == (tmp_path / "b").as_uri()
     with pytest.raises(ValueError, match="gopher"):
         open_store("gopher://x/y")
+
+
+def test_parent_directories_checked_once_still_refuse_escapes(tmp_path):
+    root = tmp_path / "objects"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = LocalObjectStore(root)
+    store.put_bytes("study/series/1.dcm", b"1")
+    store.put_bytes("study/series/2.dcm", b"2")  # the parent's check is remembered now
+    src = tmp_path / "in.dcm"
+    src.write_bytes(b"3")
+    store.put_file("study/series/3.dcm", src, move=True)
+    assert [store.get_bytes(f"study/series/{n}.dcm") for n in (1, 2, 3)] == [b"1", b"2", b"3"]
+    os.symlink(outside, root / "study" / "evil")
+    with pytest.raises(ValueError, match="escapes"):
+        store.put_bytes("study/evil/x.dcm", b"x")
+    src.write_bytes(b"x")
+    with pytest.raises(ValueError, match="escapes"):
+        store.put_file("study/evil/x.dcm", src)
+    with pytest.raises(ValueError, match="reserved"):
+        store.put_bytes(".tmp/x", b"x")
+    assert list(outside.iterdir()) == []
+    # A symlink that stays inside the root is fine, as before.
+    os.symlink(root / "study" / "series", root / "study" / "alias")
+    store.put_bytes("study/alias/4.dcm", b"4")
+    assert (root / "study" / "series" / "4.dcm").read_bytes() == b"4"
