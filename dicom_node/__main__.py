@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait: the main thread wakes to run the signal handler
+        pass
     logging.getLogger("dicom_node").info("DICOM worker stopping")
     server.shutdown()
     archive.close()
