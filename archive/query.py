@@ -158,6 +158,10 @@ _COLUMNS: dict[str, tuple[Level, ColumnElement[Any]]] = {
     **{k: (Level.IMAGE, c) for k, c in _INSTANCE_COLUMNS.items()},
 }
 
+# Each column labelled with its keyword, built once (labels are immutable; building them was a
+# tenth of a small query's time).
+_LABELLED: dict[str, ColumnElement[Any]] = {keyword: column.label(keyword) for keyword, (_, column) in _COLUMNS.items()}
+
 # Return keys computed from the index rather than matched on a column (PS3.4 C.3.4).
 COMPUTED: dict[str, Level] = {
     "NumberOfPatientRelatedStudies": Level.PATIENT,
@@ -264,7 +268,7 @@ def select_matches(level: Level, matching: Sequence[MatchKey], returned: Sequenc
 
     The levels above ``level`` are joined only as far as a key or a returned keyword needs, each once.
     """
-    columns: list[ColumnElement[Any]] = [_COLUMNS[keyword][1].label(keyword) for keyword in returned]
+    columns: list[ColumnElement[Any]] = [_LABELLED[keyword] for keyword in returned]
     highest = min((_COLUMNS[keyword][0] for keyword in returned), key=lambda lv: lv.depth, default=level)
     return build_query(level, matching, fuzzy=fuzzy, columns=columns or [_IDS[level]], join_up_to=highest)
 
