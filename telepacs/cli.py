@@ -10,11 +10,8 @@ import logging
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +29,7 @@ from archive import orthanc
 from archive.service import Archive, IngestError, IngestOutcome, iter_dicom_paths
 from storage import SpooledObjectStore, open_store
 from telepacs.logs import setup_logging
+from telepacs.supervise import Plan
 
 log = logging.getLogger("telepacs")
 
@@ -59,66 +57,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before anything is received: a new rule forwards what arrives from now on.
         ForwardQueue(engine).ensure_cursors(settings.forward_rules)
     engine.dispose()
-    env = dict(os.environ)
     if args.config:
-        env["TELEPACS_CONFIG"] = str(Path(args.config).resolve())
-    env.setdefault("TELEPACS_DATA_DIR", str(settings.data_dir))
+        os.environ["TELEPACS_CONFIG"] = str(Path(args.config).resolve())
+    os.environ.setdefault("TELEPACS_DATA_DIR", str(settings.data_dir))
     workers = settings.dicom_workers
-    procs: list[subprocess.Popen[bytes]] = []
+    commands: list[list[str]] = []
     spooled = _uses_spool(settings)
     if spooled:
         # One uploader for the spool, at a lower CPU priority than the receivers:
         # a C-STORE is acknowledged once spooled; the upload can trail behind.
-        procs.append(subprocess.Popen([sys.executable, "-m", "telepacs.cli", "drain"], env=env))
+        commands.append([sys.executable, "-m", "telepacs.cli", "drain"])
     if settings.forward_rules:
-        procs.append(subprocess.Popen([sys.executable, "-m", "telepacs.cli", "forward", "run"], env=env))
+        commands.append([sys.executable, "-m", "telepacs.cli", "forward", "run"])
     for _ in range(workers):
-        cmd = [sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if workers > 1 else [])
-        cmd += ["--no-drain"] if spooled else []
-        procs.append(subprocess.Popen(cmd, env=env))
+        commands.append([sys.executable, "-m", "dicom_node"] + (["--reuse-port"] if workers > 1 else [])
+                        + (["--no-drain"] if spooled else []))
+    listening = [(settings.dicom_host, settings.dicom_port)]
     if not args.no_web:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"{settings.http_host}:{settings.http_port}",
-             "--workers", str(args.web_workers), "--worker-class", "gthread", "--threads", "8",
-             "--config", "python:viewer.gunicorn_conf", "--access-logfile", "-", "viewer:create_app()"],
-            env=env,
-        ))
-    _wait_listening(settings.dicom_host, settings.dicom_port, procs)
+        commands.append([sys.executable, "-m", "gunicorn", "--bind", f"{settings.http_host}:{settings.http_port}",
+                         "--workers", str(args.web_workers), "--worker-class", "gthread", "--threads", "8",
+                         "--config", "python:viewer.gunicorn_conf", "--access-logfile", "-", "viewer:create_app()"])
+        listening.append((settings.http_host, settings.http_port))
+    banner = [f"telepacs: DICOM node {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port} "
+              f"({workers} receiving process{'es' if workers > 1 else ''})"]
     if not args.no_web:
-        _wait_listening(settings.http_host, settings.http_port, procs)
-    print(f"telepacs: DICOM node {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port} "
-          f"({workers} receiving process{'es' if workers > 1 else ''})", flush=True)
-    if not args.no_web:
-        print(f"telepacs: web on http://{settings.http_host}:{settings.http_port}/", flush=True)
+        banner.append(f"telepacs: web on http://{settings.http_host}:{settings.http_port}/")
     if settings.forward_rules:
-        print(f"telepacs: forwarding: {'; '.join(rule.key for rule in settings.forward_rules)}", flush=True)
-    print(f"telepacs: data in {settings.data_dir} (index {settings.db_url.split('@')[-1]}, "
-          f"storage {settings.storage_url.split('@')[-1]})", flush=True)
-
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    status = 0
-    while not stopping:
-        for proc in procs:
-            if proc.poll() is not None:
-                log.error("child %s exited with %s; stopping telepacs", proc.args, proc.returncode)
-                stopping, status = True, 1
-        time.sleep(0.5)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return status
+        banner.append(f"telepacs: forwarding: {'; '.join(rule.key for rule in settings.forward_rules)}")
+    banner.append(f"telepacs: data in {settings.data_dir} (index {settings.db_url.split('@')[-1]}, "
+                  f"storage {settings.storage_url.split('@')[-1]})")
+    plan = Plan(commands=commands, listening=listening, banner=banner, log_level=settings.log_level)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the small supervisor (see telepacs.supervise): same PID, none of this process's imports.
+    os.execv(sys.executable, [sys.executable, "-m", "telepacs.supervise", plan.to_json()])
+    return 0  # not reached
 
 
 def _uses_spool(settings: Settings) -> bool:
@@ -142,7 +115,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log.info("draining spool %s to %s (%d waiting)", settings.spool_dir, store.description, store.pending_count())
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait: the main thread wakes to run the signal handler
+        pass
     store.close()
     return 0
 
@@ -229,21 +203,6 @@ def cmd_forward_retry(args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"{count} failed instance(s) queued again{' for ' + args.destination if args.destination else ''}")
     return 0
-
-
-def _wait_listening(host: str, port: int, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
-    """Wait until something accepts connections on host:port (or a child died)."""
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            return
-        try:
-            with socket.create_connection((target, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    log.warning("nothing listens on %s:%s after %.0f s", host, port, timeout)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -77,6 +77,12 @@ def test_serve_with_two_workers_on_one_port(tmp_path):
         workers = subprocess.run(["pgrep", "-f", "-P", str(serve.pid), "dicom_node"], capture_output=True,
                                  text=True).stdout.split()
         assert len(workers) == 2
+        # Set up, serve became the small supervisor (telepacs.supervise): same PID, only the standard library.
+        cmdline = Path(f"/proc/{serve.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"telepacs.supervise" in cmdline, cmdline
+        status = Path(f"/proc/{serve.pid}/status").read_text()
+        rss_kib = int(status.split("VmRSS:")[1].split()[0])
+        assert rss_kib < 40 * 1024, f"supervisor RSS {rss_kib} KiB"
 
         files = dicom_files(MR_STUDY_DIR / "3D_Ax_T1_MP_RAGE_R22")[:80]
         codes: list[int] = []
