@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from archive.dataset import ParsedInstance, fold_name
 from archive.db import write_engine
-from archive.rawdb import RawConnections
+from archive.rawdb import RawConnections, fetch_all
 from archive.models import (
     Base,
     Facility,
@@ -218,12 +218,7 @@ class _ThreadReaders:
         args: Any = [params[name] for name in order] if order is not None else params
         conn = self._connection()
         try:
-            cur = conn.cursor()
-            try:
-                cur.execute(sql, args)
-                return list(cur.fetchall())
-            finally:
-                cur.close()
+            return fetch_all(conn, sql, args)
         except self._engine.dialect.loaded_dbapi.Error as exc:
             self._drop(conn)  # a broken connection is reopened by the next lookup
             raise IndexUnavailable(f"index lookup failed: {exc.__class__.__name__}: {exc}") from None

@@ -54,6 +54,16 @@ class CompiledStatement:
         return processed
 
 
+def fetch_all(conn: Any, sql: str, args: Any) -> list[Any]:
+    """Every row of ``sql`` run with ``args`` on a DBAPI connection (its cursor closed after)."""
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, args)
+        return list(cur.fetchall())
+    finally:
+        cur.close()
+
+
 class RawConnections:
     """A small pool of autocommit DBAPI connections of ``engine`` (its connect events run on each).
 
@@ -116,27 +126,18 @@ class RawConnections:
         conn, pooled = self._take()
         try:
             try:
-                rows = self._run(conn, compiled.sql, args)
+                rows = fetch_all(conn, compiled.sql, args)
             except self.dbapi.OperationalError:
                 if not (pooled and self._is_dead(conn)):
                     raise
                 self._close(conn)  # died while idle (server restarted): once more on a fresh one
                 conn = self._open()
-                rows = self._run(conn, compiled.sql, args)
+                rows = fetch_all(conn, compiled.sql, args)
         except BaseException:
             self._close(conn)
             raise
         self._give_back(conn)
         return rows
-
-    @staticmethod
-    def _run(conn: Any, sql: str, args: Any) -> list[Any]:
-        cur = conn.cursor()
-        try:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
-        finally:
-            cur.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
