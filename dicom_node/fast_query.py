@@ -36,6 +36,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.status import Status
 
 from archive.dataset import dataset_offset
+from archive.index import IndexUnavailable
 from archive.matching import InvalidValue, UnsupportedKey
 from archive.service import Archive
 from dicom_node import handlers
@@ -491,7 +492,13 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
                 log.info("%s cancelled after %d of %d sub-operations", what,
                          len(matches) - counts.remaining, len(matches))
                 return CANCEL
-            _, stream, why = next(opened)
+            try:
+                _, stream, why = next(opened)
+            except IndexUnavailable as exc:
+                log.error("%s: %s; %d sub-operations not done", what, exc, counts.remaining)
+                for left in matches[len(matches) - counts.remaining:]:
+                    counts.record(left.sop_instance_uid, None)
+                return counts.final_status()
             status: int | None = None
             try:
                 if stream is None:

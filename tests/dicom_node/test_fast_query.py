@@ -134,6 +134,38 @@ def test_destination_aborting_mid_move_fails_the_rest_and_lists_them(loaded, cap
     assert any("the sub-association broke" in r.getMessage() for r in caplog.records)
 
 
+def test_index_failing_during_a_move_fails_the_sub_operations_not_the_association(loaded, tmp_path, caplog):
+    """The object-key lookup fails after the matches were listed: 0xA702, every instance listed; echo still works."""
+    from archive.index import IndexUnavailable
+
+    arc, dest_port, _ = loaded
+    caplog.set_level(logging.ERROR, logger="dicom_node.fast_query")
+
+    def unavailable(chunk):  # type: ignore[no-untyped-def]
+        raise IndexUnavailable("index lookup failed: OperationalError: disk I/O error")
+
+    arc.index.object_keys = unavailable  # type: ignore[method-assign]
+    client, context_id = _open(arc, MOVE)
+    try:
+        with StorescpServer(out_dir=tmp_path, aet="DEST", port=dest_port):
+            client.link.send_message(context_id, *_move_request(21, "DEST"))
+            _, final, data = client.link.read_message()
+    finally:
+        del arc.index.object_keys
+        client.release()
+    assert final.status == 0xA702 and final.failed == len(MR_FILES) and data is not None
+    assert len(decode(io.BytesIO(data), False, True).FailedSOPInstanceUIDList) == len(MR_FILES)
+    assert any("disk I/O error" in r.getMessage() and "sub-operations not done" in r.getMessage()
+               for r in caplog.records)
+    echo, echo_context = _open(arc, "1.2.840.10008.1.1")
+    try:
+        echo.link.send_message(echo_context, encode_command([(0x0002, uid("1.2.840.10008.1.1")), (0x0100, us(0x0030)),
+                                                             (0x0110, us(1)), (0x0800, us(0x0101))]))
+        assert echo.link.read_command()[1].status == SUCCESS
+    finally:
+        echo.release()
+
+
 def test_find_over_the_fast_path_and_through_pynetdicom_answers_the_same(loaded, tmp_path, caplog):
     """The same C-FIND with the fast path on (this node) and off (a second node on the same index)."""
     arc, _, _ = loaded
