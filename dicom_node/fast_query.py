@@ -33,11 +33,9 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
-from pynetdicom.status import Status
 
 from archive.dataset import dataset_offset
 from archive.index import IndexUnavailable
-from archive.matching import InvalidValue, UnsupportedKey
 from archive.service import Archive
 from dicom_node import handlers
 from dicom_node.identifiers import Identifier, encode_elements, read_raw_identifier, response_dataset
@@ -214,6 +212,11 @@ class SubOperations:
         else:
             self.failed += 1
             self.failed_uids.append(sop_instance_uid)
+
+    def fail_rest(self, matches: list[handlers.RetrieveMatch]) -> None:
+        """Count every sub-operation not yet done as failed (the last ``remaining`` of ``matches``)."""
+        for left in matches[len(matches) - self.remaining:]:
+            self.record(left.sop_instance_uid, None)
 
     def final_status(self) -> int:
         if self.failed and not self.completed and not self.warning:
@@ -445,16 +448,10 @@ def serve_move(assoc: Association, message_id: int, sop_class_uid: str, context_
     ts = assoc.transfer_syntax(context_id)
     event = QueryEvent(assoc, message_id, sop_class_uid, ts, raw_identifier, destination_ae)
     try:
-        level, model_name, _, keys = handlers.read_identifier(cast(Any, event), handlers.MOVE_LEVELS)
-        matches = handlers.retrieve_matches(archive, level, handlers.retrieve_keys(level, keys))
+        level, model_name, matches = handlers.read_retrieve(cast(Any, event), archive, handlers.MOVE_LEVELS)
     except handlers.FindRefused as exc:
         log.warning("C-MOVE from %s refused (0x%04X): %s", peer, exc.status, exc)
         link.send_message(context_id, move_response(message_id, sop_class_uid, exc.status, None))
-        return
-    except (UnsupportedKey, InvalidValue) as exc:
-        status = int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)  # type: ignore[attr-defined]
-        log.warning("C-MOVE from %s refused (0x%04X): %s", peer, status, exc)
-        link.send_message(context_id, move_response(message_id, sop_class_uid, status, None))
         return
     what = f"C-MOVE {model_name} {level.value} from {peer} to {destination_ae}"
     log.info("%s: %d instances to %s:%d", what, len(matches), *destination)
@@ -496,8 +493,7 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
                 _, stream, why = next(opened)
             except IndexUnavailable as exc:
                 log.error("%s: %s; %d sub-operations not done", what, exc, counts.remaining)
-                for left in matches[len(matches) - counts.remaining:]:
-                    counts.record(left.sop_instance_uid, None)
+                counts.fail_rest(matches)
                 return counts.final_status()
             status: int | None = None
             try:
@@ -508,8 +504,7 @@ def _run_sub_operations(assoc: Association, message_id: int, sop_class_uid: str,
                 log.error("instance %s not sent: %s", match.sop_instance_uid, exc)
             except DestinationError as exc:
                 log.error("%s: %s; %d sub-operations not done", what, exc, counts.remaining)
-                for left in matches[len(matches) - counts.remaining:]:
-                    counts.record(left.sop_instance_uid, None)
+                counts.fail_rest(matches)
                 sub.abort()
                 released = True
                 return counts.final_status()

@@ -387,6 +387,16 @@ def _instance(archive: Archive, match: RetrieveMatch) -> Dataset:
     return failed
 
 
+def read_retrieve(event: Event, archive: Archive, models: dict[str, tuple[str, frozenset[Level]]]
+                  ) -> tuple[Level, str, list[RetrieveMatch]]:
+    """(level, model name, matches) of a C-MOVE/C-GET request; :class:`FindRefused` with its status otherwise."""
+    try:
+        level, model_name, _, keys = read_identifier(event, models)
+        return level, model_name, retrieve_matches(archive, level, retrieve_keys(level, keys))
+    except (UnsupportedKey, InvalidValue) as exc:
+        raise FindRefused(int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), str(exc)) from exc  # type: ignore[attr-defined]
+
+
 def context_pairs(matches: list[RetrieveMatch]) -> list[tuple[str, str]]:
     """(SOP class, transfer syntax) of the matches, a presentation context each, so each goes out as stored."""
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax) for m in matches
@@ -469,15 +479,10 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         yield None, None
         return
     try:
-        level, model_name, _, keys = read_identifier(event, MOVE_LEVELS)
-        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
+        level, model_name, matches = read_retrieve(event, archive, MOVE_LEVELS)
     except FindRefused as exc:
         log.warning("C-MOVE from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield from _refuse_move(destination, exc.status)
-        return
-    except (UnsupportedKey, InvalidValue) as exc:
-        log.warning("C-MOVE from %s@%s refused (0xA900): %s", ae_title, host, exc)
-        yield from _refuse_move(destination, int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS))  # type: ignore[attr-defined]
         return
     what = f"C-MOVE {model_name} {level.value} from {ae_title}@{host} to {destination_ae}"
     log.info("%s: %d instances to %s:%d", what, len(matches), *destination)
@@ -496,17 +501,11 @@ def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
     """
     ae_title, host = peer_of(event)
     try:
-        level, model_name, _, keys = read_identifier(event, GET_LEVELS)
-        matches = retrieve_matches(archive, level, retrieve_keys(level, keys))
+        level, model_name, matches = read_retrieve(event, archive, GET_LEVELS)
     except FindRefused as exc:
         log.warning("C-GET from %s@%s refused (0x%04X): %s", ae_title, host, exc.status, exc)
         yield 1
         yield exc.status, None
-        return
-    except (UnsupportedKey, InvalidValue) as exc:
-        log.warning("C-GET from %s@%s refused (0xA900): %s", ae_title, host, exc)
-        yield 1
-        yield int(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS), None  # type: ignore[attr-defined]
         return
     what = f"C-GET {model_name} {level.value} from {ae_title}@{host}"
     yield len(matches)
